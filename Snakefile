@@ -1,0 +1,29 @@
+# mergebake: bake LoRA adapters into their bases, merge them per cell with mergekit,
+# score every cell with lm-eval, report, and publish. See README.md.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/demo.smk"
+include: "rules/fetch.smk"
+include: "rules/bake.smk"
+include: "rules/normalise.smk"
+include: "rules/merge.smk"
+include: "rules/eval.smk"
+include: "rules/report.smk"
+include: "rules/upload.smk"
+
+
+wildcard_constraints:
+    **WILDCARDS,
+
+
+rule all:
+    default_target: True
+    input:
+        get_final_outputs(),

@@ -1,0 +1,20 @@
+# Each adapter is baked into its base once (W' = W + scale·B·A), shared by every cell.
+
+
+rule bake:
+    input:
+        base=get_base_dir,
+        adapter=get_adapter_dir,
+    output:
+        maybe_temp(directory("results/baked/{base}/{adapter}")),
+    log:
+        "logs/bake/{base}/{adapter}.log",
+    benchmark:
+        "benchmarks/bake/{base}/{adapter}.tsv"
+    conda:
+        ENV
+    params:
+        flags=get_bake_flags,
+    shell:
+        "mergebake bake --base {input.base} --adapter {input.adapter} --out {output}"
+        " {params.flags} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,289 @@
+# Config validation, grid expansion and every input function of the workflow.
+import json
+import re
+
+from mergebake.config import (
+    BASE_ROW,
+    cell_parameters,
+    expand_grid,
+    load_config,
+    recipe_path,
+)
+
+config = load_config(config, source=(workflow.configfiles or ["config"])[-1])
+CELLS = expand_grid(config)
+BASES = sorted({c.base for c in CELLS})
+ADAPTERS = {
+    base: sorted(
+        {a for c in CELLS if c.base == base for a in config["groups"][c.group]}
+    )
+    for base in BASES
+}
+ENV = "../envs/mergebake.yaml"
+
+
+def _alternation(names):
+    """Regex matching exactly the given names (never matches when empty)."""
+    names = sorted(set(names))
+    return "|".join(re.escape(n) for n in names) if names else "(?!)"
+
+
+def _bases_from(kind):
+    return [b for b in BASES if kind in config["bases"][b]]
+
+
+def _adapters_from(kind):
+    return [a for b in BASES for a in ADAPTERS[b] if kind in config["adapters"][b][a]]
+
+
+# Global wildcard constraints (applied in the Snakefile): names are only the configured ones.
+WILDCARDS = dict(
+    base=_alternation(BASES),
+    adapter=_alternation(a for b in BASES for a in ADAPTERS[b]),
+    group=_alternation(config["groups"]),
+    method=_alternation(config["methods"]),
+)
+
+
+DEMO_BASES = _alternation(_bases_from("demo"))
+HUB_BASES = _alternation(_bases_from("hub"))
+DEMO_ADAPTERS = _alternation(_adapters_from("demo"))
+HUB_ADAPTERS = _alternation(_adapters_from("hub"))
+BASELINE_ROWS = _alternation([BASE_ROW, *(a for b in BASES for a in ADAPTERS[b])])
+DEMO_TASKS_DIR = "resources/demo/tasks"
+
+
+def maybe_temp(path):
+    """temp() for large intermediates when config temp_intermediates is set."""
+    return temp(path) if config["temp_intermediates"] else path
+
+
+# ---- sources ---------------------------------------------------------------
+
+
+def get_base_dir(wildcards):
+    """Folder of the base checkpoint: a local path as given, else the fetched/generated copy."""
+    src = config["bases"][wildcards.base]
+    if "path" in src:
+        return src["path"]
+    return f"resources/bases/{wildcards.base}"
+
+
+def get_adapter_dir(wildcards):
+    """Folder of the LoRA adapter for (base, adapter)."""
+    src = config["adapters"][wildcards.base][wildcards.adapter]
+    if "path" in src:
+        return src["path"]
+    return f"resources/adapters/{wildcards.base}/{wildcards.adapter}"
+
+
+def get_demo_base(wildcards):
+    """Parameters of a generated demo base."""
+    return config["bases"][wildcards.base]["demo"]
+
+
+def get_demo_adapter(wildcards):
+    """Parameters of a generated demo adapter."""
+    return config["adapters"][wildcards.base][wildcards.adapter]["demo"]
+
+
+def get_hub_base(wildcards):
+    """Hub source (repo, revision, subfolder) of a base."""
+    return config["bases"][wildcards.base]["hub"]
+
+
+def get_hub_adapter(wildcards):
+    """Hub source (repo, revision, subfolder) of an adapter."""
+    return config["adapters"][wildcards.base][wildcards.adapter]["hub"]
+
+
+def get_subfolder_arg(source):
+    return f"--subfolder {source['subfolder']}" if source.get("subfolder") else ""
+
+
+# ---- bake ------------------------------------------------------------------
+
+
+def get_expected_base(wildcards):
+    """What the adapter's base_model_name_or_path should name: the Hub repo or the path."""
+    src = config["bases"][wildcards.base]
+    if "hub" in src:
+        return src["hub"]["repo"]
+    if "path" in src:
+        return src["path"]
+    return ""
+
+
+def get_bake_flags(wildcards):
+    """Flags of `mergebake bake` that come from the config."""
+    flags = [f"--engine {config['bake']['engine']}"]
+    expected = get_expected_base(wildcards)
+    if expected:
+        flags.append(f"--expected-base {expected}")
+    if config["bake"]["strict_base_match"]:
+        flags.append("--strict-base-match")
+    if config["allow_pickle"]:
+        flags.append("--allow-pickle")
+    if config["trust_remote_code"]:
+        flags.append("--trust-remote-code")
+    return " ".join(flags)
+
+
+# ---- merge -----------------------------------------------------------------
+
+
+def _cell(wildcards):
+    for c in CELLS:
+        if (c.base, c.group, c.method) == (
+            wildcards.base,
+            wildcards.group,
+            wildcards.method,
+        ):
+            return c
+    raise ValueError(f"no cell {wildcards.base}/{wildcards.group}__{wildcards.method}")
+
+
+def get_merge_models(wildcards):
+    """Normalised baked checkpoints of the cell's adapters, in group order."""
+    return [
+        f"results/text/{wildcards.base}/{a}" for a in config["groups"][wildcards.group]
+    ]
+
+
+def get_model_args(wildcards):
+    """`--model NAME=PATH` arguments of `mergebake merge`."""
+    return " ".join(
+        f"--model {a}=results/text/{wildcards.base}/{a}"
+        for a in config["groups"][wildcards.group]
+    )
+
+
+def get_recipe(wildcards):
+    """The recipe template of the cell's method."""
+    m = wildcards.method
+    return str(recipe_path(config["methods"][m], m, Path(workflow.basedir) / "recipes"))
+
+
+def get_cell_parameters(wildcards):
+    """The cell's method parameters as JSON (a rule param, so a change reruns the cell)."""
+    return json.dumps(cell_parameters(config, _cell(wildcards)), sort_keys=True)
+
+
+def get_merge_flags(wildcards):
+    flags = [
+        f"--seed {config['seed']}",
+        f"--out-shard-size {config['merge']['out_shard_size']}",
+    ]
+    if config["merge"]["dtype"]:
+        flags.append(f"--dtype {config['merge']['dtype']}")
+    if config["allow_pickle"]:
+        flags.append("--allow-pickle")
+    if config["trust_remote_code"]:
+        flags.append("--trust-remote-code")
+    return " ".join(flags)
+
+
+# ---- eval and report -------------------------------------------------------
+
+
+def get_task_inputs(wildcards):
+    """Local task folders the evaluation reads (the generated demo tasks)."""
+    return [DEMO_TASKS_DIR] if config["eval"]["demo_tasks"] else []
+
+
+def get_include_path():
+    """lm-eval --include_path: the configured folder and/or the demo tasks."""
+    if config["eval"]["include_path"]:
+        return config["eval"]["include_path"]
+    return DEMO_TASKS_DIR if config["eval"]["demo_tasks"] else ""
+
+
+def get_eval_flags(wildcards):
+    e = config["eval"]
+    flags = [
+        f"--tasks '{json.dumps(e['tasks'])}'",
+        f"--seed {config['seed']}",
+        f"--batch-size {e['batch_size']}",
+        f"--dtype {e['dtype']}",
+    ]
+    if get_include_path():
+        flags.append(f"--include-path {get_include_path()}")
+    if e["limit"]:
+        flags.append(f"--limit {e['limit']}")
+    if config["trust_remote_code"]:
+        flags.append("--trust-remote-code")
+    return " ".join(flags)
+
+
+def _report_rows():
+    rows = []
+    for c in CELLS:
+        rows.append(
+            dict(
+                base=c.base,
+                size=c.size,
+                variant=c.variant,
+                kind="merge",
+                name=c.name,
+                group=c.group,
+                method=c.method,
+                eval=f"results/eval/{c.base}/{c.name}.json",
+            )
+        )
+    if config["eval"]["baselines"]:
+        for c in {(c.base, c.size, c.variant) for c in CELLS}:
+            base, size, variant = c
+            for name in [BASE_ROW, *ADAPTERS[base]]:
+                rows.append(
+                    dict(
+                        base=base,
+                        size=size,
+                        variant=variant,
+                        kind="base" if name == BASE_ROW else "adapter",
+                        name=name,
+                        group=None,
+                        method=None,
+                        eval=f"results/eval/{base}/{name}.json",
+                    )
+                )
+    return sorted(rows, key=lambda r: (r["base"], r["kind"], r["name"]))
+
+
+def get_report_evals(wildcards):
+    """Every eval JSON the report reads: cells and baselines."""
+    return [r["eval"] for r in _report_rows()]
+
+
+def get_report_rows(wildcards):
+    """The report's rows (labels + eval paths) as JSON."""
+    return json.dumps(_report_rows(), sort_keys=True)
+
+
+def get_report_metrics(wildcards):
+    return " ".join(f"--metric {m}" for m in (config["report"]["metrics"] or []))
+
+
+# ---- upload ----------------------------------------------------------------
+
+
+def get_upload_flags(wildcards):
+    hub = config["hub"]
+    flags = [f"--repo {hub['repo'] or ''}"]
+    if hub["enabled"]:
+        flags.append("--enabled")
+    if hub["private"]:
+        flags.append("--private")
+    return " ".join(flags)
+
+
+REPORT_OUTPUTS = [
+    "results/report/merge_eval_pivot.csv",
+    "results/report/merge_eval_report.md",
+    "results/report/merge_eval_scores.png",
+    "results/report/method_ranking.png",
+]
+
+
+def get_final_outputs():
+    """Targets of the default rule (all), i.e. the report and an upload receipt per cell."""
+    return REPORT_OUTPUTS + [f"results/uploaded/{c.base}/{c.name}.json" for c in CELLS]

@@ -1,0 +1,31 @@
+# Text-only causal-LM key layout (model.*, lm_head.*) that mergekit merges reliably.
+
+
+rule normalise_base:
+    input:
+        get_base_dir,
+    output:
+        maybe_temp(directory("results/text/{base}/_base")),
+    log:
+        "logs/normalise_base/{base}.log",
+    benchmark:
+        "benchmarks/normalise_base/{base}.tsv"
+    conda:
+        ENV
+    shell:
+        "mergebake normalise --src {input} --out {output} > {log} 2>&1"
+
+
+rule normalise_baked:
+    input:
+        "results/baked/{base}/{adapter}",
+    output:
+        maybe_temp(directory("results/text/{base}/{adapter}")),
+    log:
+        "logs/normalise_baked/{base}/{adapter}.log",
+    benchmark:
+        "benchmarks/normalise_baked/{base}/{adapter}.tsv"
+    conda:
+        ENV
+    shell:
+        "mergebake normalise --src {input} --out {output} > {log} 2>&1"

@@ -1,0 +1,160 @@
+"""Read safetensors checkpoints without loading them: headers, shard index, sizes.
+
+A checkpoint is a folder with ``model.safetensors`` or shards listed in
+``model.safetensors.index.json`` (the layout ``save_pretrained`` writes), plus
+``config.json`` and tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import MergebakeError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Bytes per element of the safetensors dtypes we meet in LLM checkpoints.
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its shard file, safetensors dtype string and shape."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        n = DTYPE_BYTES.get(self.dtype, 1)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse a safetensors file's JSON header: ``({name: TensorInfo}, metadata)``.
+
+    Reads only the first 8 + N bytes. Raises :class:`MergebakeError` naming the file
+    when the header is unreadable or a tensor's data range runs past the end of the
+    file (a truncated download).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit in {size} bytes")
+            header = json.loads(fh.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise MergebakeError(
+            f"{path}: not a readable safetensors file ({e}); re-download or re-save it"
+        ) from e
+    meta = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    for name, spec in header.items():
+        start, end = spec["data_offsets"]
+        if end > data_len:
+            raise MergebakeError(
+                f"{path}: tensor {name!r} ends at byte {end} but the file holds {data_len} "
+                "bytes of data (truncated?); re-download or re-save it"
+            )
+        tensors[name] = TensorInfo(path, spec["dtype"], tuple(spec["shape"]))
+    return tensors, meta
+
+
+def weight_files(folder: str | os.PathLike, *, allow_pickle: bool = False) -> list[Path]:
+    """The safetensors files of the checkpoint in ``folder``, in index order.
+
+    Raises :class:`MergebakeError` when the folder has no safetensors weights (naming the
+    pickle files found, which are refused unless ``allow_pickle``), or when the index
+    names a shard that is not there.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MergebakeError(f"{folder}: checkpoint folder does not exist")
+    index = folder / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise MergebakeError(
+                f"{index}: lists shard(s) {missing} that are not in {folder}; "
+                "re-download the checkpoint"
+            )
+        return [folder / s for s in shards]
+    single = folder / SINGLE_NAME
+    if single.is_file():
+        return [single]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles and not allow_pickle:
+        raise MergebakeError(
+            f"{folder}: only pickle weights {pickles}; mergebake reads safetensors only. "
+            "Convert them to safetensors, or set allow_pickle: true in the config"
+        )
+    if pickles:
+        raise MergebakeError(
+            f"{folder}: pickle weights {pickles} found; convert them to safetensors "
+            "(e.g. load and save_pretrained(safe_serialization=True)) before baking"
+        )
+    raise MergebakeError(f"{folder}: no *.safetensors weights found")
+
+
+def tensor_index(folder: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, TensorInfo]:
+    """Map every tensor name of the checkpoint in ``folder`` to its :class:`TensorInfo`.
+
+    Raises :class:`MergebakeError` when a tensor appears in two shards, or the index's
+    ``weight_map`` disagrees with the shards' headers.
+    """
+    folder = Path(folder)
+    out: dict[str, TensorInfo] = {}
+    for f in weight_files(folder, allow_pickle=allow_pickle):
+        tensors, _ = read_header(f)
+        for name, info in tensors.items():
+            if name in out:
+                raise MergebakeError(f"{folder}: tensor {name!r} is in both {out[name].file.name} "
+                                     f"and {f.name}")
+            out[name] = info
+    index = folder / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        missing = sorted(set(weight_map) - set(out))
+        if missing:
+            raise MergebakeError(f"{index}: names tensors not found in any shard: {missing[:5]}")
+    return out
+
+
+def checkpoint_bytes(folder: str | os.PathLike) -> int:
+    """Total size in bytes of the checkpoint's tensors, from the index or the headers."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.is_file():
+        total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+        if total:
+            return int(total)
+    return sum(t.nbytes for t in tensor_index(folder).values())
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """``config.json`` of a checkpoint folder as a dict; a clear error when absent or broken."""
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise MergebakeError(f"{path}: missing; a checkpoint needs its config.json") from e
+    except json.JSONDecodeError as e:
+        raise MergebakeError(f"{path}: not valid JSON ({e})") from e

@@ -1,0 +1,256 @@
+"""``mergebake`` command line: one subcommand per pipeline stage.
+
+The Snakemake rules call these; each is a thin wrapper over one module's function, so
+every stage can also be run by hand. Errors the user can fix (:class:`MergebakeError`)
+print one line naming the file or key at fault and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import MergebakeError, __version__
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _kv(items: list[str] | None, flag: str) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise MergebakeError(f"{flag} {item!r}: expected NAME=PATH")
+        out[name] = Path(path)
+    return out
+
+
+def _json(text: str, flag: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MergebakeError(f"{flag}: not valid JSON ({e})") from e
+
+
+def cmd_validate(a: argparse.Namespace) -> None:
+    from .config import expand_grid, load_config
+
+    cfg = load_config(a.config)
+    cells = expand_grid(cfg)
+    print(f"{a.config}: valid; {len(cells)} cell(s)")
+    for c in cells:
+        print(f"  {c.path_in_repo}")
+
+
+def cmd_demo_base(a: argparse.Namespace) -> None:
+    from .demo import make_base
+
+    _threads(a.threads)
+    make_base(a.out, arch=a.arch, num_layers=a.layers, seed=a.seed)
+
+
+def cmd_demo_adapter(a: argparse.Namespace) -> None:
+    from .demo import train_adapter
+
+    _threads(a.threads)
+    metrics = train_adapter(a.base, a.out, skill=a.skill, seed=a.seed)
+    print(json.dumps(metrics, indent=2, default=str))
+
+
+def cmd_demo_tasks(a: argparse.Namespace) -> None:
+    from .demo import write_tasks
+
+    write_tasks(a.out)
+
+
+def cmd_fetch(a: argparse.Namespace) -> None:
+    from .fetch import fetch
+
+    src = fetch(a.repo, a.revision, a.out, subfolder=a.subfolder)
+    print(json.dumps(src))
+
+
+def cmd_bake(a: argparse.Namespace) -> None:
+    from .bake import bake
+
+    _threads(a.threads)
+    summary = bake(a.base, a.adapter, a.out, engine=a.engine, allow_pickle=a.allow_pickle,
+                   trust_remote_code=a.trust_remote_code, expected_base=a.expected_base,
+                   strict_base_match=a.strict_base_match)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def cmd_normalise(a: argparse.Namespace) -> None:
+    from .normalise import normalise
+
+    print(json.dumps(normalise(a.src, a.out), indent=2, default=str))
+
+
+def cmd_merge(a: argparse.Namespace) -> None:
+    from .merge import merge_cell
+
+    _threads(a.threads)
+    res = merge_cell(a.recipe, base=a.base, models=_kv(a.model, "--model"),
+                     parameters=_json(a.parameters, "--parameters"), out=a.out, dtype=a.dtype,
+                     seed=a.seed, out_shard_size=a.out_shard_size, allow_pickle=a.allow_pickle,
+                     trust_remote_code=a.trust_remote_code)
+    print(json.dumps(res, indent=2, default=str))
+
+
+def cmd_verify(a: argparse.Namespace) -> None:
+    from .verify import verify_checkpoint
+
+    verify_checkpoint(a.candidate, a.reference, allowed_config_keys=a.allow_config_key or ())
+    print(f"{a.candidate}: verified against {a.reference}")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from .evaluate import evaluate
+
+    _threads(a.threads)
+    evaluate(a.model, a.out, tasks=_json(a.tasks, "--tasks"), include_path=a.include_path,
+             seed=a.seed, batch_size=a.batch_size, limit=a.limit, dtype=a.dtype,
+             device=a.device, trust_remote_code=a.trust_remote_code)
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from .report import build_report
+
+    text = Path(a.rows[1:]).read_text() if a.rows.startswith("@") else a.rows
+    rows = _json(text, "--rows")
+    ranking = build_report(rows, a.out_dir, baseline=a.baseline, metrics=a.metric)
+    print(json.dumps(ranking, indent=2, default=str))
+
+
+def cmd_upload(a: argparse.Namespace) -> None:
+    from .upload import upload_cell
+
+    rec = upload_cell(a.cell, a.receipt, repo=a.repo, path_in_repo=a.path_in_repo,
+                      enabled=a.enabled, private=a.private)
+    print(json.dumps({k: rec[k] for k in ("repo", "path_in_repo", "dry_run", "commit")}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``mergebake`` with one subparser per stage."""
+    p = argparse.ArgumentParser(prog="mergebake", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"mergebake {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        return sp
+
+    sp = add("validate", cmd_validate, "validate a config and list its cells")
+    sp.add_argument("config", type=Path, nargs="?", default=Path("config.yaml"))
+
+    sp = add("demo-base", cmd_demo_base, "generate a tiny synthetic Gemma-3 base (demo grid)")
+    sp.add_argument("--out", type=Path, required=True)
+    sp.add_argument("--arch", choices=["text", "multimodal"], required=True)
+    sp.add_argument("--layers", type=int, default=2)
+    sp.add_argument("--seed", type=int, required=True)
+    sp.add_argument("--threads", type=int)
+
+    sp = add("demo-adapter", cmd_demo_adapter, "train a demo LoRA adapter on one skill")
+    sp.add_argument("--base", type=Path, required=True)
+    sp.add_argument("--out", type=Path, required=True)
+    sp.add_argument("--skill", required=True)
+    sp.add_argument("--seed", type=int, required=True)
+    sp.add_argument("--threads", type=int)
+
+    sp = add("demo-tasks", cmd_demo_tasks, "write the demo lm-eval tasks and their data")
+    sp.add_argument("--out", type=Path, required=True)
+
+    sp = add("fetch", cmd_fetch, "download a base or adapter from the Hub, pinned to a commit")
+    sp.add_argument("--repo", required=True)
+    sp.add_argument("--revision", required=True)
+    sp.add_argument("--subfolder")
+    sp.add_argument("--out", type=Path, required=True)
+
+    sp = add("bake", cmd_bake, "bake a LoRA adapter into its base (W' = W + scale·B·A)")
+    sp.add_argument("--base", type=Path, required=True)
+    sp.add_argument("--adapter", type=Path, required=True)
+    sp.add_argument("--out", type=Path, required=True)
+    sp.add_argument("--engine", default="peft")
+    sp.add_argument("--expected-base", help="the configured base (repo id or path)")
+    sp.add_argument("--strict-base-match", action="store_true")
+    sp.add_argument("--allow-pickle", action="store_true")
+    sp.add_argument("--trust-remote-code", action="store_true")
+    sp.add_argument("--threads", type=int)
+
+    sp = add("normalise", cmd_normalise, "rewrite a checkpoint to the text-only causal-LM layout")
+    sp.add_argument("--src", type=Path, required=True)
+    sp.add_argument("--out", type=Path, required=True)
+
+    sp = add("merge", cmd_merge, "merge one cell with mergekit and verify it")
+    sp.add_argument("--recipe", type=Path, required=True, help="recipes/<method>.yaml")
+    sp.add_argument("--base", type=Path, required=True, help="normalised base folder")
+    sp.add_argument("--model", action="append", metavar="ADAPTER=PATH", required=True,
+                    help="normalised baked checkpoint per adapter, in group order")
+    sp.add_argument("--parameters", default="{}", help="method parameters as JSON")
+    sp.add_argument("--out", type=Path, required=True)
+    sp.add_argument("--dtype")
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--out-shard-size", default="5B")
+    sp.add_argument("--allow-pickle", action="store_true")
+    sp.add_argument("--trust-remote-code", action="store_true")
+    sp.add_argument("--threads", type=int)
+
+    sp = add("verify", cmd_verify, "verify a checkpoint against a reference checkpoint")
+    sp.add_argument("--candidate", type=Path, required=True)
+    sp.add_argument("--reference", type=Path, required=True)
+    sp.add_argument("--allow-config-key", action="append")
+
+    sp = add("eval", cmd_eval, "score a checkpoint with lm-eval")
+    sp.add_argument("--model", type=Path, required=True)
+    sp.add_argument("--out", type=Path, required=True)
+    sp.add_argument("--tasks", required=True, help='JSON list of {"name", "num_fewshot"}')
+    sp.add_argument("--include-path", type=Path)
+    sp.add_argument("--seed", type=int, default=1234)
+    sp.add_argument("--batch-size", default=1)
+    sp.add_argument("--limit", type=int)
+    sp.add_argument("--dtype", default="auto")
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--trust-remote-code", action="store_true")
+    sp.add_argument("--threads", type=int)
+
+    sp = add("report", cmd_report, "write the pivot CSV, Markdown report and plots")
+    sp.add_argument("--rows", required=True, help="JSON list of rows, or @FILE holding it")
+    sp.add_argument("--out-dir", type=Path, required=True)
+    sp.add_argument("--baseline", default="base")
+    sp.add_argument("--metric", action="append")
+
+    sp = add("upload", cmd_upload, "upload a cell to the Hub (or write a dry-run receipt)")
+    sp.add_argument("--cell", type=Path, required=True)
+    sp.add_argument("--receipt", type=Path, required=True)
+    sp.add_argument("--repo", required=True)
+    sp.add_argument("--path-in-repo", required=True)
+    sp.add_argument("--enabled", action="store_true")
+    sp.add_argument("--private", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mergebake`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except MergebakeError as e:
+        print(f"mergebake {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

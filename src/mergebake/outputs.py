@@ -1,0 +1,175 @@
+"""Atomic output folders, checksums and provenance records.
+
+Every step writes into a temporary folder beside its output and renames it into place
+only when complete, so a killed job never leaves anything that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = (
+    "mergebake",
+    "torch",
+    "transformers",
+    "peft",
+    "mergekit",
+    "lm_eval",
+    "safetensors",
+    "huggingface_hub",
+    "snakemake",
+)
+_CHUNK = 16 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder that becomes ``final`` when the block succeeds.
+
+    The folder is created beside ``final`` (same file system, so the rename is atomic);
+    on any exception it is removed and the exception re-raised, leaving ``final``
+    untouched. An existing ``final`` is replaced.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.is_symlink() or final.is_file():
+        final.unlink()
+    elif final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
+    """Open a temporary file beside ``final``; rename it into place when the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, mode) as fh:
+            yield fh
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, final)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented, key-sorted JSON, atomically."""
+    with atomic_file(path) as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_manifest(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Map each regular file under ``folder`` (relative POSIX path) to its size (bytes) and sha256.
+
+    ``provenance.json`` itself is skipped, so a manifest describes the payload only.
+    """
+    folder = Path(folder)
+    out: dict[str, dict[str, Any]] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != "provenance.json":
+            out[p.relative_to(folder).as_posix()] = {
+                "bytes": p.stat().st_size,
+                "sha256": sha256_file(p),
+            }
+    return out
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages whose behaviour decides the output bytes."""
+    versions: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            try:
+                versions[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                versions[name] = None
+    return versions
+
+
+def describe_input(path: str | os.PathLike) -> dict[str, Any]:
+    """Provenance entry for one input: its absolute path, and sha256 of its files.
+
+    Where the input folder carries its own ``provenance.json`` (an upstream mergebake
+    step, or a fetch that recorded the resolved Hub commit), its ``source`` is kept too.
+    """
+    path = Path(path)
+    entry: dict[str, Any] = {"path": str(path.resolve())}
+    if path.is_dir():
+        entry["files"] = {k: v["sha256"] for k, v in file_manifest(path).items()}
+        prov = path / "provenance.json"
+        if prov.is_file():
+            upstream = json.loads(prov.read_text())
+            if "source" in upstream:
+                entry["source"] = upstream["source"]
+    elif path.is_file():
+        entry["sha256"] = sha256_file(path)
+    return entry
+
+
+def write_provenance(
+    out_dir: str | os.PathLike,
+    *,
+    step: str,
+    inputs: Mapping[str, str | os.PathLike],
+    params: Mapping[str, Any] | None = None,
+    source: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Write ``provenance.json`` into ``out_dir`` and return what was written.
+
+    Records the step, each named input (path + sha256s), the parameters, the command
+    line, the package versions and the seed. No environment variable is recorded, so a
+    token can never leak into it.
+    """
+    record: dict[str, Any] = {
+        "step": step,
+        "inputs": {name: describe_input(p) for name, p in inputs.items()},
+        "params": dict(params or {}),
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "packages": package_versions(),
+        "seed": seed,
+    }
+    if source is not None:
+        record["source"] = dict(source)
+    write_json(Path(out_dir) / "provenance.json", record)
+    return record
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Hard-link ``src`` to ``dst``, or copy it where a link cannot be made."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
