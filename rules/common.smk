@@ -1,6 +1,7 @@
 # Config validation, grid expansion and every input function of the workflow.
 import json
 import re
+from pathlib import Path
 
 from mergebake.config import (
     BASE_ROW,
@@ -10,7 +11,11 @@ from mergebake.config import (
     recipe_path,
 )
 
-config = load_config(config, source=(workflow.configfiles or ["config"])[-1])
+config = load_config(
+    config,
+    workflow_dir=Path(workflow.basedir),
+    source=(workflow.configfiles or ["config"])[-1],
+)
 CELLS = expand_grid(config)
 BASES = sorted({c.base for c in CELLS})
 ADAPTERS = {

@@ -22,7 +22,10 @@ import yaml
 
 from . import MergebakeError
 
-ROOT = Path(__file__).resolve().parents[2]
+# The workflow folder (Snakefile, schemas/, recipes/): this checkout when installed editable,
+# else the working directory; Snakemake passes its own basedir to load_config.
+_HERE = Path(__file__).resolve().parents[2]
+ROOT = _HERE if (_HERE / "schemas").is_dir() else Path.cwd()
 SCHEMA_PATH = ROOT / "schemas" / "config.schema.yaml"
 RECIPES_DIR = ROOT / "recipes"
 BASE_ROW = "_base"
@@ -91,17 +94,17 @@ def _extend_with_default(validator_class):
 _Validator = _extend_with_default(jsonschema.Draft202012Validator)
 
 
-def _schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+def _schema(path: Path | None = None) -> dict:
+    return yaml.safe_load((path or SCHEMA_PATH).read_text())
 
 
-def validate_schema(config: dict, source: str = "config") -> dict:
+def validate_schema(config: dict, source: str = "config", schema: Path | None = None) -> dict:
     """Validate ``config`` in place against the JSON schema, filling defaults.
 
     Defaults of nested objects are filled in two passes (a defaulted ``{}`` gets its own
     defaults on the second). Raises :class:`ConfigError` naming the first bad key.
     """
-    validator = _Validator(_schema())
+    validator = _Validator(_schema(schema))
     for _ in range(2):
         errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
         if errors:
@@ -119,9 +122,12 @@ def validate_schema(config: dict, source: str = "config") -> dict:
     return config
 
 
-def load_config(config: Mapping[str, Any] | str | Path, *, recipes_dir: Path | None = None,
+def load_config(config: Mapping[str, Any] | str | Path, *, workflow_dir: Path | None = None,
                 source: str | None = None) -> dict:
     """Validate a config (mapping or YAML path) and return it with defaults filled.
+
+    ``workflow_dir`` holds ``schemas/config.schema.yaml`` and ``recipes/`` (default: the
+    checkout this package was installed from, else the working directory).
 
     Raises :class:`ConfigError` naming the key at fault for: schema violations (unknown
     keys, bad names, wrong types), grid blocks naming unknown sizes/variants/groups/
@@ -142,8 +148,9 @@ def load_config(config: Mapping[str, Any] | str | Path, *, recipes_dir: Path | N
     source = source or "config"
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a mapping of keys")
-    validate_schema(data, source)
-    _check_semantics(data, source, recipes_dir or RECIPES_DIR)
+    wf = Path(workflow_dir) if workflow_dir else ROOT
+    validate_schema(data, source, wf / "schemas" / "config.schema.yaml")
+    _check_semantics(data, source, wf / "recipes")
     return data
 
 
@@ -173,10 +180,6 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
     for base in config["bases"]:
         for ad in config.get("adapters", {}).get(base, {}):
             _no_double_underscore(ad, f"adapters.{base}.{ad}", source)
-    for base in config.get("adapters", {}):
-        if base not in config["bases"]:
-            raise ConfigError(f"{source}: key 'adapters.{base}': no base {base!r} in 'bases'; "
-                              "add it there or remove these adapters")
     seen: dict[Cell, int] = {}
     for i, block in enumerate(config["grid"]):
         for kind in ("groups", "methods"):
@@ -206,6 +209,10 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
                                 f"{source}: key 'grid[{i}]': cell {cell.path_in_repo} is "
                                 f"already in grid[{seen[cell]}]; each cell may appear once")
                         seen[cell] = i
+    for base in config.get("adapters", {}):
+        if base not in config["bases"]:
+            raise ConfigError(f"{source}: key 'adapters.{base}': no base {base!r} in 'bases'; "
+                              "add it there or remove these adapters")
     groups_of: dict[str, set[str]] = {}
     for cell in seen:
         groups_of.setdefault(cell.method, set()).add(cell.group)

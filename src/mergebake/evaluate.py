@@ -1,0 +1,252 @@
+"""Score one checkpoint with lm-eval and write its results JSON.
+
+One call scores one local model folder (a merged cell or a baseline) on a list of tasks,
+each with its own few-shot count, and writes lm-eval's results structure (``results``
+keyed by task with ``"<metric>,<filter>"`` keys, ``n-shot``, ``configs``, ``versions``, ...)
+plus a ``mergebake`` block to one JSON file. :func:`load_scores` reads the scores back.
+
+Few-shot counts are set on each lm-eval ``Task`` object before evaluation and no global
+``num_fewshot`` is passed: in lm-eval a global value overrides every task's own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from . import MergebakeError
+from .outputs import write_json
+
+
+def _check_tasks(tasks: list[dict]) -> list[tuple[str, int]]:
+    """Validate the task specs; return ``[(name, num_fewshot), ...]`` in the given order."""
+    if not tasks:
+        raise MergebakeError("evaluate: no tasks given; list at least one under the eval tasks")
+    out: list[tuple[str, int]] = []
+    seen: set[str] = set()
+    for i, spec in enumerate(tasks):
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise MergebakeError(f"evaluate: task #{i} ({spec!r}) needs a non-empty string 'name'")
+        name = spec["name"]
+        shots = spec.get("num_fewshot", 0)
+        if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
+            raise MergebakeError(
+                f"evaluate: task {name!r} has num_fewshot={shots!r}; it must be an integer >= 0"
+            )
+        if name in seen:
+            raise MergebakeError(f"evaluate: task {name!r} is listed twice; list each task once")
+        seen.add(name)
+        out.append((name, shots))
+    return out
+
+
+def _unparsable_yamls(include_path: Path) -> list[str]:
+    """YAML files under ``include_path`` that lm-eval cannot parse (it skips them silently)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    bad = []
+    for p in sorted(include_path.glob("**/*.yaml")):
+        try:
+            load_yaml(p, resolve_func=False, recursive=True)
+        except Exception as e:  # any failure means lm-eval skips the file
+            bad.append(f"{p} ({type(e).__name__}: {e})")
+    return bad
+
+
+def _builtin_tasks_dir() -> Path:
+    """The folder of lm-eval's built-in task YAMLs (what ``include_defaults`` indexes)."""
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
+
+
+def _task_manager(names: list[str], include_path: Path | None, metadata: dict[str, Any]):
+    """A ``TaskManager`` that knows every name in ``names``, or a :class:`MergebakeError`.
+
+    Indexing lm-eval's ~15k built-in task YAMLs takes ~10 s, so where every requested name
+    is a plain task defined under ``include_path`` only that folder is indexed. Otherwise the
+    built-in tasks are indexed too, with ``include_path`` after them so that, as in lm-eval,
+    a task defined there overrides a built-in one of the same name.
+    """
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        if not include_path.is_dir():
+            raise MergebakeError(
+                f"evaluate: task include path {include_path} is not a folder; "
+                "point eval include_path at the folder holding the task YAMLs"
+            )
+        local = TaskManager(include_path=str(include_path), include_defaults=False,
+                            metadata=metadata)
+        if all(n in local.all_subtasks for n in names):
+            return local
+    paths = [str(_builtin_tasks_dir())] + ([str(include_path)] if include_path else [])
+    tm = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
+    known = set(tm.all_tasks)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        where = (f"include path {include_path}" if include_path is not None
+                 else "no include path given")
+        msg = (f"evaluate: unknown lm-eval task(s) {unknown} (looked in lm-eval's built-in "
+               f"tasks and {where}); check the task name, or add a YAML with `task: <name>`")
+        if include_path is not None:
+            bad = _unparsable_yamls(include_path)
+            if bad:
+                msg += "; these YAML files could not be parsed and were skipped: " + "; ".join(bad)
+        raise MergebakeError(msg)
+    return tm
+
+
+def _load_tasks(tm, specs: list[tuple[str, int]]) -> list:
+    """Build lm-eval Task/Group objects with each leaf task's ``num_fewshot`` set.
+
+    A group name sets the count on every task in the group and is passed on as the Group
+    (so lm-eval still aggregates it); a tag name passes on its tasks.
+    """
+    objects: list = []
+    for name, shots in specs:
+        try:
+            loaded = tm.load([name])
+        except Exception as e:  # lm-eval and datasets raise many kinds
+            entry = tm.task_index.get(name)
+            where = f" (defined in {entry.yaml_path})" if entry and entry.yaml_path else ""
+            raise MergebakeError(
+                f"evaluate: task {name!r}{where} could not be loaded: {type(e).__name__}: {e}. "
+                f"Check its YAML and data files; relative data_files resolve against the "
+                f"working directory ({Path.cwd()}), so prefer absolute paths"
+            ) from e
+        for task in loaded["tasks"].values():
+            task.set_config(key="num_fewshot", value=shots)
+        if name in loaded.get("groups", {}):
+            objects.append(loaded["groups"][name])
+        else:
+            objects.extend(loaded["tasks"].values())
+    return objects
+
+
+def _jsonable(obj: Any) -> Any:
+    """lm-eval's results made JSON-serialisable with its own ``handle_non_serializable``."""
+    from lm_eval.utils import handle_non_serializable
+
+    return json.loads(json.dumps(obj, default=handle_non_serializable))
+
+
+def evaluate(
+    model: Path,
+    out: Path,
+    *,
+    tasks: list[dict],
+    include_path: Path | None = None,
+    seed: int = 1234,
+    batch_size: int | str = 1,
+    limit: int | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> dict:
+    """Score the local checkpoint folder ``model`` with lm-eval; write the results to ``out``.
+
+    ``tasks`` is a list of ``{"name": str, "num_fewshot": int}``; each task gets its own
+    few-shot count (a group name sets it on all the group's tasks). ``include_path`` is a
+    folder of extra task YAMLs. ``seed`` seeds Python's, NumPy's and torch's RNGs and the
+    few-shot sampler. ``limit`` caps the documents scored per task (testing only).
+    ``device``/``dtype``/``batch_size`` go to lm-eval's ``hf`` model.
+
+    Writes, atomically, lm-eval's results JSON (made serialisable; ``log_samples`` off)
+    with an added ``mergebake`` block: ``model`` (absolute path), ``tasks`` (as requested),
+    ``seed``, ``seconds`` (wall-clock seconds of the whole call, float). Returns that dict.
+
+    Raises :class:`MergebakeError` before any model is loaded when a task spec is malformed,
+    a task name is unknown (naming it and the include path), the model folder has no
+    ``config.json``, or a CUDA device is asked for where CUDA is not available.
+    """
+    t0 = time.perf_counter()
+    model = Path(model).resolve()
+    out = Path(out)
+    include_path = Path(include_path).resolve() if include_path is not None else None
+    specs = _check_tasks(tasks)
+    if not (model / "config.json").is_file():
+        raise MergebakeError(f"evaluate: {model} has no config.json; is it a checkpoint folder?")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MergebakeError(
+                f"evaluate: device {device!r} asked for but CUDA is not available here; "
+                "set the eval device to 'cpu' or run the job on a GPU node"
+            )
+
+    import lm_eval
+
+    model_args: dict[str, Any] = {
+        "pretrained": str(model),
+        "dtype": dtype,
+        "trust_remote_code": trust_remote_code,
+    }
+    tm = _task_manager([n for n, _ in specs], include_path, metadata=dict(model_args))
+    task_objects = _load_tasks(tm, specs)
+
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=model_args,
+        tasks=task_objects,
+        batch_size=batch_size,
+        device=device,
+        limit=limit,
+        log_samples=False,
+        task_manager=tm,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    if results is None:  # only non-zero ranks of a distributed run get None
+        raise MergebakeError("evaluate: lm-eval returned no results (not rank 0?)")
+    data = _jsonable(dict(results))
+    data.pop("samples", None)
+    data["mergebake"] = {
+        "model": str(model),
+        "tasks": [{"name": n, "num_fewshot": s} for n, s in specs],
+        "include_path": str(include_path) if include_path is not None else None,
+        "seed": seed,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    write_json(out, data)
+    return data
+
+
+def load_scores(path: Path) -> dict[str, dict[str, float]]:
+    """Scores from an eval JSON: ``{task: {"<metric>,<filter>": value}}``.
+
+    Values are the metric values as lm-eval reports them (``acc`` as a fraction in [0, 1]);
+    standard errors (``*_stderr,*``), keys without a filter (``alias``, ``name``,
+    ``sample_len``) and any non-numeric entry are left out.
+    Groups appear like tasks. Raises :class:`MergebakeError` naming the file when it is
+    missing, not JSON, or has no ``results`` mapping.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise MergebakeError(f"{path}: eval results file not found; run the eval step") from e
+    except json.JSONDecodeError as e:
+        raise MergebakeError(f"{path}: not valid JSON ({e}); re-run the eval step") from e
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, dict):
+        raise MergebakeError(f"{path}: no 'results' mapping; not an lm-eval results file")
+    scores: dict[str, dict[str, float]] = {}
+    for task, metrics in results.items():
+        if not isinstance(metrics, dict):
+            continue
+        row: dict[str, float] = {}
+        for key, value in metrics.items():
+            metric, sep, _ = key.partition(",")
+            if not sep or metric.endswith("_stderr"):  # alias, name, sample_len, stderrs
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            row[key] = float(value)
+        scores[task] = row
+    return scores

@@ -1,0 +1,137 @@
+"""Builders of tiny Gemma-3 checkpoints and LoRA adapters, made with the real classes.
+
+Plain functions (not fixtures) so any test module can use them. Every model is a few
+hundred kB: vocabulary 64, hidden size 64, two layers; the multimodal one has a one-layer
+SigLIP vision tower of 56x56 images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 64
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+
+
+def text_config(tie: bool = True):
+    """The tiny ``Gemma3TextConfig`` shared by every builder."""
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=128,
+        sliding_window=16, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        tie_word_embeddings=tie,
+    )
+
+
+def mm_config(tie: bool = True):
+    """The tiny ``Gemma3Config``: the text config above plus a one-layer SigLIP tower."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=56, patch_size=14)
+    return Gemma3Config(text_config=text_config(tie).to_dict(), vision_config=vision.to_dict(),
+                        mm_tokens_per_image=4, tie_word_embeddings=tie)
+
+
+def save_tokenizer(folder: Path) -> None:
+    """Write a word-level tokenizer over tokens ``t0``..``t63`` with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(4, VOCAB)}
+    vocab.update({"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    """Fill every parameter with seeded noise (norm weights too), so no tensor is trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _save(model, folder: Path, dtype: torch.dtype, seed: int, **save_kwargs) -> Path:
+    _randomise(model, seed)
+    model.to(dtype).save_pretrained(folder, **save_kwargs)
+    save_tokenizer(folder)
+    return folder
+
+
+def make_gemma3_text(folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0,
+                     tie: bool = True, **save_kwargs) -> Path:
+    """Save a tiny text-only ``Gemma3ForCausalLM`` (keys ``model.*``) to ``folder``.
+
+    ``save_kwargs`` go to ``save_pretrained`` (e.g. ``max_shard_size="100KB"``).
+    """
+    from transformers import Gemma3ForCausalLM
+
+    torch.manual_seed(seed)
+    return _save(Gemma3ForCausalLM(text_config(tie)), Path(folder), dtype, seed, **save_kwargs)
+
+
+def make_gemma3_mm(folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0,
+                   tie: bool = True, **save_kwargs) -> Path:
+    """Save a tiny ``Gemma3ForConditionalGeneration`` (transformers 5.x layout) to ``folder``.
+
+    Keys: ``language_model.model.*``, ``vision_tower.*``, ``multi_modal_projector.*`` and,
+    only when ``tie`` is false, ``language_model.lm_head.weight``.
+    """
+    from transformers import Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(mm_config(tie))
+    return _save(model, Path(folder), dtype, seed, **save_kwargs)
+
+
+def load_model(folder: Path):
+    """Load a checkpoint with the class its config names, in its stored dtype, on CPU."""
+    import transformers
+
+    arch = json.loads((Path(folder) / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, arch).from_pretrained(folder, dtype="auto")
+
+
+def make_lora(
+    base_dir: Path,
+    adapter_dir: Path,
+    target_modules=("q_proj", "v_proj"),
+    r: int = 4,
+    alpha: int = 8,
+    seed: int = 1,
+    **lora_kwargs,
+) -> Path:
+    """Save a PEFT LoRA adapter for ``base_dir`` with random non-zero A and B.
+
+    A non-zero B makes the bake change the targeted weights. PEFT keeps the LoRA weights
+    in fp32 on a bf16 base (``autocast_adapter_dtype``), so the file holds F32 tensors.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(base_dir)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), **lora_kwargs)
+    peft_model = get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    peft_model.save_pretrained(adapter_dir)
+    return Path(adapter_dir)
+
+
+def peft_merged(base_dir: Path, adapter_dir: Path):
+    """The reference: base + adapter merged by PEFT's default ``merge_and_unload``."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_model(base_dir), adapter_dir).merge_and_unload()

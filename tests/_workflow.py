@@ -1,0 +1,57 @@
+"""Helpers to run the Snakemake workflow from tests: in a scratch working directory, with
+the repository's Snakefile, and read the exact set of jobs a dry run schedules."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    e.setdefault("HF_HUB_OFFLINE", "1")
+    e.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return e
+
+
+def snakemake(workdir: Path, *args: str, config: Path | None = None, check: bool = True,
+              timeout: float = 3600) -> subprocess.CompletedProcess:
+    """Run snakemake on the repository's Snakefile in ``workdir``; return the completed run."""
+    cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(config or workdir / "config.yaml"), *args]
+    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({p.returncode}):\n"
+                             f"{p.stdout[-6000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+_JOB = re.compile(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    output: (.*)$", re.M)
+
+
+def planned_jobs(workdir: Path, config: Path | None = None) -> set[tuple[str, str]]:
+    """The jobs a dry run schedules, as ``{(rule, first output)}``; ``all`` is left out."""
+    p = snakemake(workdir, "-n", "--cores", "1", config=config)
+    out = p.stdout + p.stderr
+    jobs = {(m.group(1), m.group(2).split(", ")[0]) for m in _JOB.finditer(out)}
+    if "Nothing to be done" not in out and not jobs:
+        raise AssertionError(f"could not read the dry run's jobs:\n{out[-3000:]}")
+    return jobs
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def demo_config() -> dict:
+    return yaml.safe_load((ROOT / "config.yaml").read_text())

@@ -1,0 +1,151 @@
+"""The main job end to end: the 14-cell demo grid built by `snakemake --cores 2`, and the
+exact set of jobs each kind of change schedules afterwards (staleness)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from _workflow import demo_config, planned_jobs, snakemake, write_config
+from safetensors import safe_open
+
+pytestmark = pytest.mark.workflow
+
+CELLS = sorted(
+    [(f"{s}-{v}", f"eng-nob__{m}") for s in ("1b", "4b") for v in ("std", "open")
+     for m in ("linear", "task_arithmetic", "ties")]
+    + [(f"12b-{v}", "eng-nob__ties") for v in ("std", "open")]
+)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Path:
+    """A finished run of the default config (the offline demo grid) in a scratch folder."""
+    wd = tmp_path_factory.mktemp("demo")
+    write_config(wd / "config.yaml", demo_config())
+    snakemake(wd, "--cores", "2")
+    return wd
+
+
+@pytest.fixture
+def copy_of(demo, tmp_path) -> Path:
+    """A copy of the finished demo run (outputs, timestamps and .snakemake metadata)."""
+    wd = tmp_path / "wd"
+    shutil.copytree(demo, wd, symlinks=True)
+    return wd
+
+
+def test_demo_builds_14_verified_cells(demo):
+    merged = sorted((p.parent.name, p.name) for p in (demo / "results/merged").glob("*/*"))
+    assert merged == CELLS
+    for base, cell in CELLS:
+        d = demo / "results/merged" / base / cell
+        prov = json.loads((d / "provenance.json").read_text())
+        assert prov["step"] == "merge"
+        assert prov["params"]["recipe"]["merge_method"] == cell.split("__")[1]
+        assert prov["params"]["recipe"]["base_model"] == str(
+            (demo / "results/text" / base / "_base").resolve())
+        assert (d / "recipe.yaml").is_file()
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["architectures"] == ["Gemma3ForCausalLM"]
+        with safe_open(str(next(d.glob("*.safetensors"))), "pt") as f:
+            keys = set(f.keys())
+        assert "model.embed_tokens.weight" in keys
+        assert all(k.startswith(("model.", "lm_head.")) for k in keys)
+        receipt = json.loads((demo / "results/uploaded" / base / f"{cell}.json").read_text())
+        assert receipt["dry_run"] is True and receipt["path_in_repo"] == f"{base}/{cell}"
+        assert set(receipt["files"]) >= {"config.json", "recipe.yaml", "provenance.json"}
+
+
+def test_demo_report_shows_each_adapter_teaching_its_skill(demo):
+    with open(demo / "results/report/merge_eval_pivot.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    by = {(r["size"] + "-" + r["variant"], r["name"]): r for r in rows}
+    assert {n for _, n in by} >= {"_base", "eng", "nob", "eng-nob__ties"}
+    assert len([r for r in rows if r["kind"] == "merge"]) == 14
+    for base in {b for b, _ in CELLS}:
+        for skill in ("eng", "nob"):
+            col = f"demo_{skill}/acc"
+            gain = float(by[(base, skill)][col]) - float(by[(base, "_base")][col])
+            assert gain >= 0.10, f"{base}: {skill} adapter gains only {gain:.2f} on {col}"
+    md = (demo / "results/report/merge_eval_report.md").read_text()
+    assert "ties" in md and "linear" in md
+    assert (demo / "results/report/merge_eval_scores.png").stat().st_size > 0
+
+
+def test_second_run_schedules_nothing(copy_of):
+    assert planned_jobs(copy_of) == set()
+
+
+def _merge_jobs(cells):
+    jobs = set()
+    for base, cell in cells:
+        jobs |= {("merge", f"results/merged/{base}/{cell}"),
+                 ("eval_cell", f"results/eval/{base}/{cell}.json"),
+                 ("upload", f"results/uploaded/{base}/{cell}.json")}
+    return jobs
+
+
+REPORT = {("report", "results/report/merge_eval_pivot.csv")}
+
+
+def test_changing_ties_density_reschedules_only_ties_cells(copy_of):
+    cfg = demo_config()
+    cfg["methods"]["ties"]["parameters"]["density"] = 0.7
+    jobs = planned_jobs(copy_of, write_config(copy_of / "changed.yaml", cfg))
+    ties = [c for c in CELLS if c[1].endswith("__ties")]
+    assert jobs == _merge_jobs(ties) | REPORT
+
+
+def test_changing_one_linear_weight_reschedules_only_linear_cells(copy_of):
+    cfg = demo_config()
+    cfg["methods"]["linear"]["parameters"]["weight"]["eng"] = 0.8
+    jobs = planned_jobs(copy_of, write_config(copy_of / "changed.yaml", cfg))
+    assert jobs == _merge_jobs([c for c in CELLS if c[1].endswith("__linear")]) | REPORT
+
+
+def test_adding_a_base_schedules_only_its_cells(copy_of):
+    cfg = demo_config()
+    cfg["bases"]["27b-open"] = {"demo": {"arch": "multimodal", "layers": 2, "seed": 2702}}
+    cfg["adapters"]["27b-open"] = {"eng": {"demo": {"skill": "eng", "seed": 271}},
+                                   "nob": {"demo": {"skill": "nob", "seed": 272}}}
+    cfg["grid"].append({"sizes": ["27b"], "variants": ["open"], "groups": ["eng-nob"],
+                        "methods": ["ties"]})
+    jobs = planned_jobs(copy_of, write_config(copy_of / "changed.yaml", cfg))
+    b = "27b-open"
+    assert jobs == _merge_jobs([(b, "eng-nob__ties")]) | REPORT | {
+        ("demo_base", f"resources/bases/{b}"),
+        ("demo_adapter", f"resources/adapters/{b}/eng"),
+        ("demo_adapter", f"resources/adapters/{b}/nob"),
+        ("bake", f"results/baked/{b}/eng"),
+        ("bake", f"results/baked/{b}/nob"),
+        ("normalise_base", f"results/text/{b}/_base"),
+        ("normalise_baked", f"results/text/{b}/eng"),
+        ("normalise_baked", f"results/text/{b}/nob"),
+        ("eval_baseline", f"results/eval/{b}/_base.json"),
+        ("eval_baseline", f"results/eval/{b}/eng.json"),
+        ("eval_baseline", f"results/eval/{b}/nob.json"),
+    }
+
+
+def test_changing_one_adapters_weights_reschedules_only_its_bakes(copy_of):
+    """New adapter weights on disk (a retrained adapter): only the bake that uses it and
+    what depends on it run again."""
+    adapter = copy_of / "resources/adapters/4b-open/nob/adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(adapter)
+    name = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, adapter, metadata={"format": "pt"})
+    jobs = planned_jobs(copy_of)
+    b = "4b-open"
+    cells = [c for c in CELLS if c[0] == b]
+    assert jobs == _merge_jobs(cells) | REPORT | {
+        ("bake", f"results/baked/{b}/nob"),
+        ("normalise_baked", f"results/text/{b}/nob"),
+        ("eval_baseline", f"results/eval/{b}/nob.json"),
+    }
