@@ -3,8 +3,7 @@
 
 rule bake:
     input:
-        base=get_base_dir,
-        adapter=get_adapter_dir,
+        unpack(get_bake_inputs),
     output:
         maybe_temp(directory("results/baked/{base}/{adapter}")),
     log:

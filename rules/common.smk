@@ -82,6 +82,38 @@ def get_adapter_dir(wildcards):
     return f"resources/adapters/{wildcards.base}/{wildcards.adapter}"
 
 
+def _local_files(folder):
+    """The weight and config files of a local checkpoint or adapter folder.
+
+    Snakemake judges a folder input by the folder's own timestamp, which rewriting a file
+    inside it does not change; listing the files makes new weights on disk rerun the
+    bakes that read them.
+    """
+    d = Path(folder)
+    if not d.is_dir():
+        return [folder]  # missing: Snakemake reports it as a missing input
+    pats = ("*.safetensors", "*.json", "*.bin")
+    return sorted(str(p) for pat in pats for p in d.glob(pat) if p.is_file())
+
+
+def get_bake_inputs(wildcards):
+    """Named inputs of a bake: the base and adapter folders, plus the files of local ones."""
+    base, adapter = get_base_dir(wildcards), get_adapter_dir(wildcards)
+    files = []
+    if "path" in config["bases"][wildcards.base]:
+        files += _local_files(base)
+    if "path" in config["adapters"][wildcards.base][wildcards.adapter]:
+        files += _local_files(adapter)
+    return dict(base=base, adapter=adapter, files=files)
+
+
+def get_base_inputs(wildcards):
+    """Inputs of a base's normalisation: its folder, plus its files when local."""
+    base = get_base_dir(wildcards)
+    local = "path" in config["bases"][wildcards.base]
+    return dict(base=base, files=_local_files(base) if local else [])
+
+
 def get_demo_base(wildcards):
     """Parameters of a generated demo base."""
     return config["bases"][wildcards.base]["demo"]

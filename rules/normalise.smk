@@ -3,7 +3,7 @@
 
 rule normalise_base:
     input:
-        get_base_dir,
+        unpack(get_base_inputs),
     output:
         maybe_temp(directory("results/text/{base}/_base")),
     log:
@@ -13,7 +13,7 @@ rule normalise_base:
     conda:
         ENV
     shell:
-        "mergebake normalise --src {input} --out {output} > {log} 2>&1"
+        "mergebake normalise --src {input.base} --out {output} > {log} 2>&1"
 
 
 rule normalise_baked:

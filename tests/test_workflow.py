@@ -15,8 +15,12 @@ from safetensors import safe_open
 pytestmark = pytest.mark.workflow
 
 CELLS = sorted(
-    [(f"{s}-{v}", f"eng-nob__{m}") for s in ("1b", "4b") for v in ("std", "open")
-     for m in ("linear", "task_arithmetic", "ties")]
+    [
+        (f"{s}-{v}", f"eng-nob__{m}")
+        for s in ("1b", "4b")
+        for v in ("std", "open")
+        for m in ("linear", "task_arithmetic", "ties")
+    ]
     + [(f"12b-{v}", "eng-nob__ties") for v in ("std", "open")]
 )
 
@@ -47,7 +51,8 @@ def test_demo_builds_14_verified_cells(demo):
         assert prov["step"] == "merge"
         assert prov["params"]["recipe"]["merge_method"] == cell.split("__")[1]
         assert prov["params"]["recipe"]["base_model"] == str(
-            (demo / "results/text" / base / "_base").resolve())
+            (demo / "results/text" / base / "_base").resolve()
+        )
         assert (d / "recipe.yaml").is_file()
         cfg = json.loads((d / "config.json").read_text())
         assert cfg["architectures"] == ["Gemma3ForCausalLM"]
@@ -83,9 +88,11 @@ def test_second_run_schedules_nothing(copy_of):
 def _merge_jobs(cells):
     jobs = set()
     for base, cell in cells:
-        jobs |= {("merge", f"results/merged/{base}/{cell}"),
-                 ("eval_cell", f"results/eval/{base}/{cell}.json"),
-                 ("upload", f"results/uploaded/{base}/{cell}.json")}
+        jobs |= {
+            ("merge", f"results/merged/{base}/{cell}"),
+            ("eval_cell", f"results/eval/{base}/{cell}.json"),
+            ("upload", f"results/uploaded/{base}/{cell}.json"),
+        }
     return jobs
 
 
@@ -110,10 +117,13 @@ def test_changing_one_linear_weight_reschedules_only_linear_cells(copy_of):
 def test_adding_a_base_schedules_only_its_cells(copy_of):
     cfg = demo_config()
     cfg["bases"]["27b-open"] = {"demo": {"arch": "multimodal", "layers": 2, "seed": 2702}}
-    cfg["adapters"]["27b-open"] = {"eng": {"demo": {"skill": "eng", "seed": 271}},
-                                   "nob": {"demo": {"skill": "nob", "seed": 272}}}
-    cfg["grid"].append({"sizes": ["27b"], "variants": ["open"], "groups": ["eng-nob"],
-                        "methods": ["ties"]})
+    cfg["adapters"]["27b-open"] = {
+        "eng": {"demo": {"skill": "eng", "seed": 271}},
+        "nob": {"demo": {"skill": "nob", "seed": 272}},
+    }
+    cfg["grid"].append(
+        {"sizes": ["27b"], "variants": ["open"], "groups": ["eng-nob"], "methods": ["ties"]}
+    )
     jobs = planned_jobs(copy_of, write_config(copy_of / "changed.yaml", cfg))
     b = "27b-open"
     assert jobs == _merge_jobs([(b, "eng-nob__ties")]) | REPORT | {
@@ -132,19 +142,27 @@ def test_adding_a_base_schedules_only_its_cells(copy_of):
 
 
 def test_changing_one_adapters_weights_reschedules_only_its_bakes(copy_of):
-    """New adapter weights on disk (a retrained adapter): only the bake that uses it and
-    what depends on it run again."""
-    adapter = copy_of / "resources/adapters/4b-open/nob/adapter_model.safetensors"
+    """New weights for a local adapter (a retrained adapter written over the old one): only
+    the bake that uses it, and what depends on that bake, run again."""
     from safetensors.torch import load_file, save_file
 
-    tensors = load_file(adapter)
+    local = copy_of / "local" / "nob"
+    shutil.copytree(copy_of / "resources/adapters/4b-open/nob", local)
+    cfg = demo_config()
+    cfg["adapters"]["4b-open"]["nob"] = {"path": str(local)}
+    config = write_config(copy_of / "local.yaml", cfg)
+    snakemake(copy_of, "--cores", "2", config=config)  # rebuild with the local adapter
+    assert planned_jobs(copy_of, config) == set()
+
+    weights = local / "adapter_model.safetensors"
+    tensors = load_file(weights)
     name = sorted(k for k in tensors if "lora_B" in k)[0]
     tensors[name] = tensors[name] * 1.5
-    save_file(tensors, adapter, metadata={"format": "pt"})
-    jobs = planned_jobs(copy_of)
+    save_file(tensors, weights, metadata={"format": "pt"})
     b = "4b-open"
-    cells = [c for c in CELLS if c[0] == b]
-    assert jobs == _merge_jobs(cells) | REPORT | {
+    assert planned_jobs(copy_of, config) == _merge_jobs(
+        [c for c in CELLS if c[0] == b]
+    ) | REPORT | {
         ("bake", f"results/baked/{b}/nob"),
         ("normalise_baked", f"results/text/{b}/nob"),
         ("eval_baseline", f"results/eval/{b}/nob.json"),

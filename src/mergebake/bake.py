@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
-from .checkpoint import PICKLE_SUFFIXES, read_config, tensor_index
-from .normalise import copy_assets, runtime_names, tie_word_embeddings
+from .checkpoint import PICKLE_SUFFIXES, copy_assets, read_config, tensor_index
+from .normalise import runtime_names, tie_word_embeddings
 from .outputs import atomic_dir, write_provenance
 
 log = logging.getLogger(__name__)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import MergebakeError
+from .outputs import link_or_copy
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -158,3 +160,55 @@ def read_config(folder: str | os.PathLike) -> dict:
         raise MergebakeError(f"{path}: missing; a checkpoint needs its config.json") from e
     except json.JSONDecodeError as e:
         raise MergebakeError(f"{path}: not valid JSON ({e})") from e
+
+
+# Files beside the weights that a checkpoint needs to be used: tokenizer, chat template,
+# generation defaults. Processor files only make sense next to a multimodal model.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+TOKENIZER_DIRS = ("additional_chat_templates",)
+GENERATION_FILES = ("generation_config.json",)
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+)
+
+
+def copy_assets(
+    src: str | os.PathLike, dst: str | os.PathLike, *, processor: bool, link: bool
+) -> list[str]:
+    """Copy (or hard-link, where ``link``) tokenizer, chat-template and generation files.
+
+    Returns the relative paths written. ``processor`` also takes the image processor
+    configs, which belong beside a multimodal model only.
+    """
+    src, dst = Path(src), Path(dst)
+    names = TOKENIZER_FILES + GENERATION_FILES + (PROCESSOR_FILES if processor else ())
+    put = link_or_copy if link else shutil.copy2
+    done: list[str] = []
+    for name in names:
+        if (src / name).is_file():
+            put(src / name, dst / name)
+            done.append(name)
+    for d in TOKENIZER_DIRS:
+        if (src / d).is_dir():
+            for f in sorted((src / d).rglob("*")):
+                if f.is_file():
+                    rel = f.relative_to(src)
+                    (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                    put(f, dst / rel)
+                    done.append(rel.as_posix())
+    return done

@@ -51,24 +51,21 @@ def cmd_validate(a: argparse.Namespace) -> None:
 
 
 def cmd_demo_base(a: argparse.Namespace) -> None:
-    from .demo import make_base
+    from .demo import cli_base
 
-    _threads(a.threads)
-    make_base(a.out, arch=a.arch, num_layers=a.layers, seed=a.seed)
+    cli_base(a.out, arch=a.arch, layers=a.layers, seed=a.seed, threads=a.threads)
 
 
 def cmd_demo_adapter(a: argparse.Namespace) -> None:
-    from .demo import train_adapter
+    from .demo import cli_adapter
 
-    _threads(a.threads)
-    metrics = train_adapter(a.base, a.out, skill=a.skill, seed=a.seed)
-    print(json.dumps(metrics, indent=2, default=str))
+    cli_adapter(a.base, a.out, skill=a.skill, seed=a.seed, threads=a.threads)
 
 
 def cmd_demo_tasks(a: argparse.Namespace) -> None:
-    from .demo import write_tasks
+    from .demo import cli_tasks
 
-    write_tasks(a.out)
+    cli_tasks(a.out)
 
 
 def cmd_fetch(a: argparse.Namespace) -> None:

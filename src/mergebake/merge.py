@@ -9,7 +9,6 @@ and :func:`mergebake.verify.verify_checkpoint` accepted it against the normalise
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,15 +17,12 @@ from typing import Any
 import yaml
 
 from . import MergebakeError
-from .checkpoint import read_config, weight_files
+from .checkpoint import copy_assets, read_config, weight_files
 from .config import render_recipe
 from .outputs import atomic_dir, write_provenance
 from .verify import verify_checkpoint
 
 log = logging.getLogger(__name__)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
 # config.json keys a merge may legitimately change.
 MERGE_CONFIG_KEYS = ("transformers_version", "dtype", "torch_dtype")
 
@@ -97,10 +93,7 @@ def merge_cell(
     with atomic_dir(out) as tmp:
         log.info("mergekit %s over %s -> %s", rendered["merge_method"], base, out)
         run_merge(merge_config, str(tmp), options=options, config_source=source)
-        for name in TOKENIZER_FILES:  # the base's tokenizer, byte for byte
-            src = base / name
-            if src.is_file():
-                shutil.copyfile(src, tmp / name)
+        copy_assets(base, tmp, processor=False, link=False)  # the base's tokenizer, as is
         (tmp / "recipe.yaml").write_text(source)
         verify_checkpoint(tmp, base, allowed_config_keys=MERGE_CONFIG_KEYS)
         write_provenance(

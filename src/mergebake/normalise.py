@@ -22,42 +22,23 @@ import copy
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
-from .checkpoint import INDEX_NAME, TensorInfo, read_config, read_header, weight_files
+from .checkpoint import (
+    INDEX_NAME,
+    TensorInfo,
+    copy_assets,
+    read_config,
+    read_header,
+    weight_files,
+)
 from .outputs import atomic_dir, link_or_copy, write_json, write_provenance
 
 log = logging.getLogger(__name__)
-
-# Files beside the weights that a checkpoint needs to be used: tokenizer, chat template,
-# generation defaults. Processor files only make sense next to a multimodal model.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-TOKENIZER_DIRS = ("additional_chat_templates",)
-GENERATION_FILES = ("generation_config.json",)
-PROCESSOR_FILES = (
-    "preprocessor_config.json",
-    "processor_config.json",
-    "video_preprocessor_config.json",
-)
-
 
 @dataclass(frozen=True)
 class WrappedLayout:
@@ -170,33 +151,6 @@ def runtime_names(folder: str | os.PathLike, names: Iterable[str]) -> dict[str, 
         runtime = _apply(layout.runtime_rules, name) if layout else name
         out[runtime or name] = name
     return out
-
-
-def copy_assets(
-    src: str | os.PathLike, dst: str | os.PathLike, *, processor: bool, link: bool
-) -> list[str]:
-    """Copy (or hard-link, where ``link``) tokenizer, chat-template and generation files.
-
-    Returns the relative paths written. ``processor`` also takes the image processor
-    configs, which belong beside a multimodal model only.
-    """
-    src, dst = Path(src), Path(dst)
-    names = TOKENIZER_FILES + GENERATION_FILES + (PROCESSOR_FILES if processor else ())
-    put = link_or_copy if link else shutil.copy2
-    done: list[str] = []
-    for name in names:
-        if (src / name).is_file():
-            put(src / name, dst / name)
-            done.append(name)
-    for d in TOKENIZER_DIRS:
-        if (src / d).is_dir():
-            for f in sorted((src / d).rglob("*")):
-                if f.is_file():
-                    rel = f.relative_to(src)
-                    (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-                    put(f, dst / rel)
-                    done.append(rel.as_posix())
-    return done
 
 
 def text_config(config: Mapping[str, Any], layout: WrappedLayout, *, tied: bool) -> dict:

@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
-from .checkpoint import TensorInfo, read_config, tensor_index
-from .normalise import TOKENIZER_FILES
+from .checkpoint import TOKENIZER_FILES, TensorInfo, read_config, tensor_index
 
 log = logging.getLogger(__name__)
 
