@@ -27,6 +27,11 @@ wildcard_constraints:
     **WILDCARDS,
 
 
+# Before any job runs (not in a dry run): local inputs, adapter/base fit, token, disk.
+onstart:
+    run_preflight()
+
+
 rule all:
     default_target: True
     input:

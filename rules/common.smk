@@ -3,6 +3,9 @@ import json
 import re
 from pathlib import Path
 
+from snakemake.logging import logger
+
+from mergebake.preflight import check_local_paths
 from mergebake.config import (
     BASE_ROW,
     cell_parameters,
@@ -16,6 +19,7 @@ config = load_config(
     workflow_dir=Path(workflow.basedir),
     source=(workflow.configfiles or ["config"])[-1],
 )
+check_local_paths(config)
 CELLS = expand_grid(config)
 BASES = sorted({c.base for c in CELLS})
 ADAPTERS = {
@@ -56,6 +60,15 @@ DEMO_ADAPTERS = _alternation(_adapters_from("demo"))
 HUB_ADAPTERS = _alternation(_adapters_from("hub"))
 BASELINE_ROWS = _alternation([BASE_ROW, *(a for b in BASES for a in ADAPTERS[b])])
 DEMO_TASKS_DIR = "resources/demo/tasks"
+
+
+def run_preflight():
+    """Preflight checks (local inputs, adapter/base fit, Hub token, disk) before any job."""
+    from mergebake.preflight import preflight
+
+    keep_going = workflow.execution_settings.keep_going
+    for note in preflight(config, workdir=Path.cwd(), keep_going=keep_going):
+        logger.warning(note)
 
 
 def maybe_temp(path):
@@ -324,3 +337,97 @@ REPORT_OUTPUTS = [
 def get_final_outputs():
     """Targets of the default rule (all), i.e. the report and an upload receipt per cell."""
     return REPORT_OUTPUTS + [f"results/uploaded/{c.base}/{c.name}.json" for c in CELLS]
+
+
+# ---- resources (scale-out) -------------------------------------------------
+# What each job asks the scheduler for (mem_mb, runtime, threads, disk_mb, gpu), from the
+# size of the checkpoint it reads; the model and its factors are mergebake.resources
+# (README "Running on a cluster"). Snakemake evaluates these when a job is scheduled,
+# once its inputs exist; before that (a dry run) they plan with an estimate from the
+# config and never fail.
+from mergebake import resources as scaleout
+
+SIZE_OF_BASE = {c.base: c.size for c in CELLS}
+# The input of each rule that holds the checkpoint the job reads (name, or position).
+CHECKPOINT_INPUT = dict(
+    demo_adapter="base",
+    bake="base",
+    normalise_base="base",
+    normalise_baked=0,
+    merge="base",
+    eval_cell="model",
+    eval_baseline="model",
+    upload="cell",
+)
+
+
+def _job_size(wildcards, input, rulename):
+    """Size of the job's checkpoint: measured when there, else the base's, else estimated."""
+    key = CHECKPOINT_INPUT.get(rulename)
+    folder = None
+    if key is not None:
+        try:
+            folder = input[key] if isinstance(key, int) else getattr(input, key)
+        except (IndexError, AttributeError, KeyError):
+            folder = None
+    size = scaleout.measure(folder)
+    base = getattr(wildcards, "base", None)
+    if size is not None or base not in config["bases"]:
+        return size
+    return scaleout.measure(get_base_dir(wildcards)) or scaleout.estimate(
+        SIZE_OF_BASE.get(base), config["bases"][base]
+    )
+
+
+def _size_factor(wildcards, rulename, size):
+    """Merge method (TIES costs more than linear) or eval dtype wider than stored."""
+    if rulename == "merge":
+        method = config["methods"].get(wildcards.method, {})
+        return scaleout.method_factor(method.get("recipe") or wildcards.method)
+    if rulename in ("eval_cell", "eval_baseline") and size is not None:
+        return scaleout.dtype_factor(config["eval"]["dtype"], size)
+    return 1.0
+
+
+def _knobs(rulename):
+    """Knobs of the resource model set for this rule with set-resources (profile or CLI)."""
+    given = workflow.resource_settings.overwrite_resources.get(rulename) or {}
+    return {k: getattr(given[k], "raw", given[k]) for k in scaleout.KNOBS if k in given}
+
+
+def _job_resources(wildcards, input, attempt, rulename):
+    size = _job_size(wildcards, input, rulename)
+    return scaleout.job_resources(
+        rulename,
+        size,
+        attempt=attempt,
+        factor=_size_factor(wildcards, rulename, size),
+        device=config.get("device", "auto"),
+        overrides=_knobs(rulename),
+    )
+
+
+def get_mem_mb(wildcards, input, attempt, rulename):
+    """Memory (MiB): base + factor × checkpoint size, × attempt on a retry."""
+    return _job_resources(wildcards, input, attempt, rulename)["mem_mb"]
+
+
+def get_runtime(wildcards, input, attempt, rulename):
+    """Wall time (minutes): base + minutes per GiB, × attempt on a retry."""
+    return _job_resources(wildcards, input, attempt, rulename)["runtime"]
+
+
+def get_disk_mb(wildcards, input, rulename):
+    """Disk the job writes (MiB)."""
+    return _job_resources(wildcards, input, 1, rulename)["disk_mb"]
+
+
+def get_threads(wildcards, input, rulename):
+    """Threads (SLURM: --cpus-per-task) from the checkpoint size."""
+    return _job_resources(wildcards, input, 1, rulename)["threads"]
+
+
+def get_gpu(wildcards, rulename):
+    """1 for a GPU-capable step when the config's device is cuda, else 0."""
+    device = config.get("device", "auto")
+    return scaleout.job_resources(rulename, None, device=device)["gpu"]

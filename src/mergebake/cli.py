@@ -68,11 +68,16 @@ def cmd_demo_tasks(a: argparse.Namespace) -> None:
     cli_tasks(a.out)
 
 
-def cmd_fetch(a: argparse.Namespace) -> None:
-    from .fetch import fetch
+def cmd_pin(a: argparse.Namespace) -> None:
+    from .fetch import cli_pin
 
-    src = fetch(a.repo, a.revision, a.out, subfolder=a.subfolder)
-    print(json.dumps(src))
+    cli_pin(a)
+
+
+def cmd_fetch(a: argparse.Namespace) -> None:
+    from .fetch import cli_fetch
+
+    cli_fetch(a)
 
 
 def cmd_bake(a: argparse.Namespace) -> None:
@@ -128,15 +133,22 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 
 def cmd_upload(a: argparse.Namespace) -> None:
-    from .upload import upload_cell
+    from .upload import cli_upload
 
-    rec = upload_cell(a.cell, a.receipt, repo=a.repo, path_in_repo=a.path_in_repo,
-                      enabled=a.enabled, private=a.private)
-    print(json.dumps({k: rec[k] for k in ("repo", "path_in_repo", "dry_run", "commit")}))
+    cli_upload(a)
+
+
+def cmd_hub_readme(a: argparse.Namespace) -> None:
+    from .upload import cli_hub_readme
+
+    cli_hub_readme(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``mergebake`` with one subparser per stage."""
+    from . import fetch as fetch_cli
+    from . import upload as upload_cli
+
     p = argparse.ArgumentParser(prog="mergebake", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"mergebake {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -167,11 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("demo-tasks", cmd_demo_tasks, "write the demo lm-eval tasks and their data")
     sp.add_argument("--out", type=Path, required=True)
 
+    sp = add("pin", cmd_pin, "resolve a Hub branch or tag to its commit, once, into a pin file")
+    fetch_cli.add_pin_arguments(sp)
+
     sp = add("fetch", cmd_fetch, "download a base or adapter from the Hub, pinned to a commit")
-    sp.add_argument("--repo", required=True)
-    sp.add_argument("--revision", required=True)
-    sp.add_argument("--subfolder")
-    sp.add_argument("--out", type=Path, required=True)
+    fetch_cli.add_fetch_arguments(sp)
 
     sp = add("bake", cmd_bake, "bake a LoRA adapter into its base (W' = W + scale·B·A)")
     sp.add_argument("--base", type=Path, required=True)
@@ -226,13 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--baseline", default="base")
     sp.add_argument("--metric", action="append")
 
-    sp = add("upload", cmd_upload, "upload a cell to the Hub (or write a dry-run receipt)")
-    sp.add_argument("--cell", type=Path, required=True)
-    sp.add_argument("--receipt", type=Path, required=True)
-    sp.add_argument("--repo", required=True)
-    sp.add_argument("--path-in-repo", required=True)
-    sp.add_argument("--enabled", action="store_true")
-    sp.add_argument("--private", action="store_true")
+    sp = add("upload", cmd_upload, "upload a cell with its model card to the Hub (or write a "
+             "dry-run receipt)")
+    upload_cli.add_upload_arguments(sp)
+
+    sp = add("hub-readme", cmd_hub_readme, "publish the results repo's README (grid table)")
+    upload_cli.add_hub_readme_arguments(sp)
     return p
 
 

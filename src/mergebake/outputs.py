@@ -7,6 +7,7 @@ only when complete, so a killed job never leaves anything that looks finished.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,6 +17,8 @@ from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from . import MergebakeError
 
 PACKAGES = (
     "mergebake",
@@ -31,24 +34,66 @@ PACKAGES = (
 _CHUNK = 16 * 1024 * 1024
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clear_stale(final: Path) -> None:
+    """Remove temporary siblings of ``final`` left by killed writers (their pid is gone)."""
+    for p in final.parent.glob(f".{final.name}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """ENOSPC, also as wrapped by safetensors' Rust writer (``IoError(... StorageFull``)."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    text = str(e)
+    return "No space left on device" in text or "StorageFull" in text
+
+
+def _disk_full(final: Path, e: BaseException) -> MergebakeError:
+    return MergebakeError(
+        f"{final}: no space left on device while writing it ({type(e).__name__}); free space on "
+        f"{final.parent.resolve()} or run in a working directory with more room. Nothing "
+        "was left behind"
+    )
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary folder that becomes ``final`` when the block succeeds.
 
-    The folder is created beside ``final`` (same file system, so the rename is atomic);
-    on any exception it is removed and the exception re-raised, leaving ``final``
-    untouched. An existing ``final`` is replaced.
+    The folder is created beside ``final`` (same file system, so the rename is atomic) and
+    named ``.<name>.tmp-<pid>``; leftovers of killed writers are removed first. On any
+    exception the folder is removed and the exception re-raised, leaving ``final``
+    untouched; a full disk (``ENOSPC``) becomes a :class:`MergebakeError` naming ``final``.
+    An existing ``final`` is replaced.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(e):
+            raise _disk_full(final, e) from e
         raise
     if final.is_symlink() or final.is_file():
         final.unlink()
@@ -59,15 +104,21 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary file beside ``final``; rename it into place when the block succeeds."""
+    """Open a temporary file beside ``final``; rename it into place when the block succeeds.
+
+    Text mode writes UTF-8. Same failure behaviour as :func:`atomic_dir`.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     try:
-        with open(tmp, mode) as fh:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if _is_disk_full(e):
+            raise _disk_full(final, e) from e
         raise
     os.replace(tmp, final)
 
