@@ -13,22 +13,30 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# Every workflow run in the tests carries this fake token, so a test can grep all that a
+# run wrote for it (it must appear nowhere). It is not a real token.
+FAKE_TOKEN = "hf_mergebakeFAKEtestTOKENxxxxxxxxxxxxxx"
 
 
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
     e.setdefault("HF_HUB_OFFLINE", "1")
+    e["HF_TOKEN"] = FAKE_TOKEN
     e.setdefault("TOKENIZERS_PARALLELISM", "false")
     return e
 
 
 def snakemake(workdir: Path, *args: str, config: Path | None = None, check: bool = True,
-              timeout: float = 3600) -> subprocess.CompletedProcess:
-    """Run snakemake on the repository's Snakefile in ``workdir``; return the completed run."""
+              timeout: float = 3600, environ: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess:
+    """Run snakemake on the repository's Snakefile in ``workdir``; return the completed run.
+
+    ``environ`` replaces the environment (default: :func:`env`)."""
     cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
            "--configfile", str(config or workdir / "config.yaml"), *args]
-    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, env=environ or env(), capture_output=True, text=True,
+                       timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({p.returncode}):\n"
                              f"{p.stdout[-6000:]}\n{p.stderr[-6000:]}")

@@ -242,3 +242,17 @@ def test_unknown_lm_eval_task(good, tmp_path, capsys):
               "--tasks", tasks, "--include-path", tmp_path)
     assert "norquad_nonexistent" in err
     assert not (tmp_path / "e.json").exists()
+
+
+def test_config_that_disagrees_with_the_weights(good, tmp_path, capsys):
+    """config.json says 3 layers, the weights hold 2: normalise's verification lists the
+    missing keys and writes nothing."""
+    base = copy(good[0], tmp_path / "base")
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    cfg["layer_types"] = cfg["layer_types"] + ["full_attention"]
+    (base / "config.json").write_text(json.dumps(cfg))
+    err = run(capsys, "normalise", "--src", base, "--out", tmp_path / "text")
+    assert f"{tmp_path / 'text'}: failed verification against {base}" in err
+    assert "load: missing key model.layers.2.mlp.down_proj.weight" in err
+    nothing_left(tmp_path / "text")

@@ -25,15 +25,6 @@ CELLS = sorted(
 )
 
 
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory) -> Path:
-    """A finished run of the default config (the offline demo grid) in a scratch folder."""
-    wd = tmp_path_factory.mktemp("demo")
-    write_config(wd / "config.yaml", demo_config())
-    snakemake(wd, "--cores", "2")
-    return wd
-
-
 @pytest.fixture
 def copy_of(demo, tmp_path) -> Path:
     """A copy of the finished demo run (outputs, timestamps and .snakemake metadata)."""

@@ -19,8 +19,9 @@ import yaml
 from . import MergebakeError
 from .checkpoint import copy_assets, read_config, weight_files
 from .config import render_recipe
+from .device import resolve_device
 from .outputs import atomic_dir, write_provenance
-from .verify import verify_checkpoint
+from .verify import VerificationError, verify_checkpoint
 
 log = logging.getLogger(__name__)
 # config.json keys a merge may legitimately change.
@@ -45,7 +46,7 @@ def merge_cell(
     out_shard_size: str = "5B",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Merge the normalised ``models`` (adapter name -> folder) over ``base`` into ``out``.
 
@@ -54,18 +55,20 @@ def merge_cell(
     ``parameters``, and kept in the output as ``recipe.yaml``. ``seed`` is mergekit's
     ``--random-seed`` (randomised methods such as DARE). The merged checkpoint is verified
     against ``base`` (tensor names, shapes, dtypes, config, loadability, finiteness)
-    before it is renamed into place.
+    before it is renamed into place. ``device`` is mergekit's device, resolved by
+    :func:`mergebake.device.resolve_device` (``auto``: CUDA when usable, else the CPU).
 
     Returns ``{"recipe": rendered dict, "seconds": wall time}``. Raises
-    :class:`MergebakeError` for missing/unsafe inputs or a bad recipe (before mergekit
-    runs) and :class:`mergebake.verify.VerificationError` when the output is defective;
-    in every failure ``out`` is left absent (or as it was).
+    :class:`MergebakeError` for missing/unsafe inputs, a bad recipe or an unusable
+    ``cuda`` device (before mergekit runs) and :class:`mergebake.verify.VerificationError`
+    when the output is defective; in every failure ``out`` is left absent (or as it was).
     """
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions, parse_kmb
 
     t0 = time.perf_counter()
+    device = resolve_device(device)  # auto: CUDA if usable, else CPU with a warning
     base = Path(base).resolve()
     models = {name: Path(p).resolve() for name, p in models.items()}
     for p in (base, *models.values()):
@@ -95,7 +98,10 @@ def merge_cell(
         run_merge(merge_config, str(tmp), options=options, config_source=source)
         copy_assets(base, tmp, processor=False, link=False)  # the base's tokenizer, as is
         (tmp / "recipe.yaml").write_text(source)
-        verify_checkpoint(tmp, base, allowed_config_keys=MERGE_CONFIG_KEYS)
+        try:
+            verify_checkpoint(tmp, base, allowed_config_keys=MERGE_CONFIG_KEYS)
+        except VerificationError as e:  # name the cell, not its temporary folder
+            raise VerificationError(Path(out), base, e.problems) from None
         write_provenance(
             tmp,
             step="merge",

@@ -37,6 +37,7 @@ from .checkpoint import (
     weight_files,
 )
 from .outputs import atomic_dir, link_or_copy, write_json, write_provenance
+from .verify import VerificationError, load_problems, tokenizer_problems
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,9 @@ def normalise(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     Returns ``{"renamed": int, "dropped": int, "kept": int, "linked": bool,
     "architecture": str}``. Raises :class:`MergebakeError` (naming the file) for a missing
     or pickle-only source, an unsupported multimodal architecture, or tensors that fit no
-    layout rule; ``out`` is then left untouched.
+    layout rule, and :class:`mergebake.verify.VerificationError` when the result does not
+    load as a causal LM with every key matched or its tokenizer does not load; ``out`` is
+    then left untouched.
     """
     src, out = Path(src), Path(out)
     config = read_config(src)
@@ -295,6 +298,12 @@ def normalise(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
         else:
             write_json(tmp / "config.json", text_config(config, layout, tied=tied))
         assets = copy_assets(src, tmp, processor=layout is None, link=True)
+        # Verified before it counts as built: the text model loads from it with every key
+        # matched, and the tokenizer loads. Values are copied bit for bit from the source
+        # (checked when it was built), so no second NaN/Inf scan here.
+        problems = load_problems(tmp) + tokenizer_problems(tmp, src)
+        if problems:
+            raise VerificationError(out, src, problems)
         arch = layout.text_arch if layout else _architecture(config, src)
         summary = {
             "renamed": renamed,
