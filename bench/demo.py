@@ -32,8 +32,17 @@ def main() -> None:
     wd.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "config.yaml", wd / "config.yaml")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    cmd = [str(Path(sys.executable).parent / "snakemake"), "-s", str(ROOT / "Snakefile"),
-           "-d", str(wd), "--cores", str(args.cores), "--quiet", "all"]
+    cmd = [
+        str(Path(sys.executable).parent / "snakemake"),
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(wd),
+        "--cores",
+        str(args.cores),
+        "--quiet",
+        "all",
+    ]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env)
     wall = time.perf_counter() - t0
@@ -46,8 +55,10 @@ def main() -> None:
         agg[0] += 1
         agg[1] += float(row["s"])
         agg[2] = max(agg[2], float(row["max_rss"]) if row["max_rss"] != "-" else 0.0)
-    print(f"demo grid, --cores {args.cores}, {os.cpu_count()} CPUs: wall {wall:.0f} s "
-          f"({wall / 60:.1f} min)")
+    print(
+        f"demo grid, --cores {args.cores}, {os.cpu_count()} CPUs: wall {wall:.0f} s "
+        f"({wall / 60:.1f} min)"
+    )
     print(f"{'rule':<18}{'jobs':>6}{'sum s':>10}{'peak RSS MB':>14}")
     for rule, (n, s, rss) in sorted(per_rule.items()):
         print(f"{rule:<18}{n:>6}{s:>10.1f}{rss:>14.0f}")

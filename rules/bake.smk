@@ -12,6 +12,12 @@ rule bake:
         "benchmarks/bake/{base}/{adapter}.tsv"
     conda:
         ENV
+    threads: get_threads
+    resources:
+        mem_mb=get_mem_mb,
+        runtime=get_runtime,
+        disk_mb=get_disk_mb,
+        gpu=get_gpu,
     params:
         flags=get_bake_flags,
     shell:

@@ -148,7 +148,11 @@ def get_hub_adapter(wildcards):
 
 
 def get_subfolder_arg(source):
-    return f"--subfolder {source['subfolder']}" if source.get("subfolder") else ""
+    """`--subfolder DIR` of `mergebake fetch` when the Hub source names one."""
+    import shlex
+
+    sub = source.get("subfolder")
+    return f"--subfolder {shlex.quote(sub)}" if sub else ""
 
 
 # ---- bake ------------------------------------------------------------------
@@ -166,7 +170,10 @@ def get_expected_base(wildcards):
 
 def get_bake_flags(wildcards):
     """Flags of `mergebake bake` that come from the config."""
-    flags = [f"--engine {config['bake']['engine']}"]
+    flags = [
+        f"--engine {config['bake']['engine']}",
+        f"--device {config['bake']['device']}",
+    ]
     expected = get_expected_base(wildcards)
     if expected:
         flags.append(f"--expected-base {expected}")
@@ -223,6 +230,7 @@ def get_merge_flags(wildcards):
     flags = [
         f"--seed {config['seed']}",
         f"--out-shard-size {config['merge']['out_shard_size']}",
+        f"--device {config['device']}",
     ]
     if config["merge"]["dtype"]:
         flags.append(f"--dtype {config['merge']['dtype']}")
@@ -255,6 +263,7 @@ def get_eval_flags(wildcards):
         f"--seed {config['seed']}",
         f"--batch-size {e['batch_size']}",
         f"--dtype {e['dtype']}",
+        f"--device {config['device']}",
     ]
     if get_include_path():
         flags.append(f"--include-path {get_include_path()}")
@@ -317,8 +326,11 @@ def get_report_metrics(wildcards):
 
 
 def get_upload_flags(wildcards):
+    """Flags of `mergebake upload` and `mergebake hub-readme` from the config's hub section."""
+    import shlex
+
     hub = config["hub"]
-    flags = [f"--repo {hub['repo'] or ''}"]
+    flags = [f"--repo {shlex.quote(hub['repo'] or '')}"]
     if hub["enabled"]:
         flags.append("--enabled")
     if hub["private"]:
@@ -336,7 +348,11 @@ REPORT_OUTPUTS = [
 
 def get_final_outputs():
     """Targets of the default rule (all), i.e. the report and an upload receipt per cell."""
-    return REPORT_OUTPUTS + [f"results/uploaded/{c.base}/{c.name}.json" for c in CELLS]
+    return (
+        REPORT_OUTPUTS
+        + [f"results/uploaded/{c.base}/{c.name}.json" for c in CELLS]
+        + [HUB_README_RECEIPT]
+    )
 
 
 # ---- resources (scale-out) -------------------------------------------------
@@ -345,7 +361,13 @@ def get_final_outputs():
 # (README "Running on a cluster"). Snakemake evaluates these when a job is scheduled,
 # once its inputs exist; before that (a dry run) they plan with an estimate from the
 # config and never fail.
+import os
+
 from mergebake import resources as scaleout
+
+# envs/mergebake.yaml installs this checkout with `pip install -e ${MERGEBAKE_ROOT}`; set
+# it before Snakemake creates the env (--sdm conda), whatever folder conda runs pip in.
+os.environ.update(MERGEBAKE_ROOT=str(workflow.basedir))
 
 SIZE_OF_BASE = {c.base: c.size for c in CELLS}
 # The input of each rule that holds the checkpoint the job reads (name, or position).
@@ -395,14 +417,27 @@ def _knobs(rulename):
     return {k: getattr(given[k], "raw", given[k]) for k in scaleout.KNOBS if k in given}
 
 
+def _model_name(rulename):
+    """The rule's resource model: a bake's depends on its engine."""
+    if rulename == "bake" and config["bake"].get("engine") == "stream":
+        return "bake_stream"
+    return rulename
+
+
+def _device(rulename):
+    """The device a job computes on: the bake's own device, else the merge and eval one."""
+    return config["bake"]["device"] if rulename == "bake" else config["device"]
+
+
 def _job_resources(wildcards, input, attempt, rulename):
     size = _job_size(wildcards, input, rulename)
     return scaleout.job_resources(
         rulename,
         size,
+        model=_model_name(rulename),
         attempt=attempt,
         factor=_size_factor(wildcards, rulename, size),
-        device=config.get("device", "auto"),
+        device=_device(rulename),
         overrides=_knobs(rulename),
     )
 
@@ -428,6 +463,180 @@ def get_threads(wildcards, input, rulename):
 
 
 def get_gpu(wildcards, rulename):
-    """1 for a GPU-capable step when the config's device is cuda, else 0."""
-    device = config.get("device", "auto")
-    return scaleout.job_resources(rulename, None, device=device)["gpu"]
+    """1 for a GPU-capable step when its device is cuda, else 0."""
+    return scaleout.job_resources(rulename, None, device=_device(rulename))["gpu"]
+
+
+# ---- hub (publishing) ------------------------------------------------------
+# Fetch pins (a branch or tag resolved once to a commit, shared by every fetch of that
+# repo@revision), and the inputs and parameters of the per-cell upload (model card) and
+# of the repo-level README. See mergebake.fetch, mergebake.upload, mergebake.modelcard.
+from mergebake.fetch import is_commit_sha, pin_name
+
+HUB_README_RECEIPT = "results/uploaded/README.json"
+
+
+def _hub_sources():
+    """(config key, Hub source) of every base and adapter the grid fetches from the Hub."""
+    out = []
+    for b in BASES:
+        if "hub" in config["bases"][b]:
+            out.append((f"bases.{b}.hub", config["bases"][b]["hub"]))
+        for a in ADAPTERS[b]:
+            if "hub" in config["adapters"][b][a]:
+                out.append((f"adapters.{b}.{a}.hub", config["adapters"][b][a]["hub"]))
+    return out
+
+
+# pin file name -> (repo, revision, first config key naming it); commit shas need no pin.
+PINS = {}
+for _key, _src in _hub_sources():
+    if not is_commit_sha(_src["revision"]):
+        PINS.setdefault(
+            pin_name(_src["repo"], _src["revision"]),
+            (_src["repo"], _src["revision"], _key),
+        )
+PIN_NAMES = _alternation(PINS)
+
+
+def _pin_path(source):
+    """The pin file of a Hub source (as ancient(): a later re-pin reruns nothing), or []."""
+    if is_commit_sha(source["revision"]):
+        return []
+    return [
+        ancient(f"resources/pins/{pin_name(source['repo'], source['revision'])}.json")
+    ]
+
+
+def get_pin_args(wildcards):
+    """Arguments of `mergebake pin` for one pin file."""
+    import shlex
+
+    repo, revision, key = PINS[wildcards.pin]
+    return f"--repo {repo} --revision {shlex.quote(revision)} --config-key {key}"
+
+
+def get_base_pin(wildcards):
+    return _pin_path(get_hub_base(wildcards))
+
+
+def get_adapter_pin(wildcards):
+    return _pin_path(get_hub_adapter(wildcards))
+
+
+def _fetch_flags(source, key, pickle):
+    flags = [get_subfolder_arg(source), f"--config-key {key}"]
+    pin = _pin_path(source)
+    if pin:
+        flags.append(f"--pin {pin[0]}")
+    if pickle:
+        flags.append("--allow-pickle")
+    return " ".join(f for f in flags if f)
+
+
+def get_fetch_base_flags(wildcards):
+    """`mergebake fetch` flags of a base: subfolder, config key, pin file."""
+    key = f"bases.{wildcards.base}.hub"
+    return _fetch_flags(get_hub_base(wildcards), key, False)
+
+
+def get_fetch_adapter_flags(wildcards):
+    """`mergebake fetch` flags of an adapter: also --allow-pickle when the config allows."""
+    key = f"adapters.{wildcards.base}.{wildcards.adapter}.hub"
+    return _fetch_flags(get_hub_adapter(wildcards), key, config["allow_pickle"])
+
+
+def _hub_entry(source, name, folder):
+    return dict(name=name, source=source, dir=folder if "hub" in source else None)
+
+
+def get_hub_sources(wildcards):
+    """Fetched folders of the cell's Hub base and adapters (their provenance has the commit)."""
+    entries = _card_entries(wildcards)
+    return [e["dir"] for e in [entries[0], *entries[1]] if e["dir"]]
+
+
+def _card_entries(wildcards):
+    base = _hub_entry(
+        config["bases"][wildcards.base], wildcards.base, get_base_dir(wildcards)
+    )
+    adapters = [
+        _hub_entry(
+            config["adapters"][wildcards.base][a],
+            a,
+            f"resources/adapters/{wildcards.base}/{a}",
+        )
+        for a in config["groups"][wildcards.group]
+    ]
+    return base, adapters
+
+
+def _baseline_row(base):
+    """The report's baseline row name for a base, if it is scored (else None)."""
+    if not config["eval"]["baselines"]:
+        return None
+    name = config["report"]["baseline"]
+    name = BASE_ROW if name in ("base", BASE_ROW) else name
+    return name if name == BASE_ROW or name in ADAPTERS[base] else None
+
+
+def get_hub_baseline_eval(wildcards):
+    """The eval JSON of the cell's baseline row (Δ in the model card), or []."""
+    row = _baseline_row(wildcards.base)
+    return [f"results/eval/{wildcards.base}/{row}.json"] if row else []
+
+
+def get_hub_card(wildcards):
+    """The model card spec of a cell as JSON (a param: a config change reruns the upload)."""
+    c = _cell(wildcards)
+    base, adapters = _card_entries(wildcards)
+    row = _baseline_row(c.base)
+    spec = dict(
+        cell=dict(size=c.size, variant=c.variant, group=c.group, method=c.method),
+        base=base,
+        adapters=adapters,
+        license=config["hub"]["license"],
+        languages=config["hub"]["languages"],
+        metrics=config["report"]["metrics"],
+        baseline=(
+            dict(name=row, eval=f"results/eval/{c.base}/{row}.json") if row else None
+        ),
+    )
+    return json.dumps(spec, sort_keys=True)
+
+
+def get_hub_receipts(wildcards):
+    """Every cell's upload receipt (the repo README is rebuilt when any changes)."""
+    return [f"results/uploaded/{c.base}/{c.name}.json" for c in CELLS]
+
+
+def get_hub_readme_rows(wildcards):
+    """The cells of the repo README (labels + receipt paths) as JSON."""
+    rows = [
+        dict(
+            path_in_repo=c.path_in_repo,
+            size=c.size,
+            variant=c.variant,
+            group=c.group,
+            method=c.method,
+            receipt=f"results/uploaded/{c.base}/{c.name}.json",
+        )
+        for c in CELLS
+    ]
+    return json.dumps(rows, sort_keys=True)
+
+
+def get_hub_meta(wildcards):
+    """Repo README metadata: license, languages, and the Hub repos of the bases."""
+    bases = sorted(
+        {
+            config["bases"][b]["hub"]["repo"]
+            for b in BASES
+            if "hub" in config["bases"][b]
+        }
+    )
+    hub = config["hub"]
+    return json.dumps(
+        dict(license=hub["license"], languages=hub["languages"], base_models=bases),
+        sort_keys=True,
+    )

@@ -12,6 +12,11 @@ rule demo_base:
         base=DEMO_BASES,
     conda:
         ENV
+    threads: get_threads
+    resources:
+        mem_mb=get_mem_mb,
+        runtime=get_runtime,
+        disk_mb=get_disk_mb,
     params:
         spec=get_demo_base,
     shell:
@@ -33,6 +38,11 @@ rule demo_adapter:
         adapter=DEMO_ADAPTERS,
     conda:
         ENV
+    threads: get_threads
+    resources:
+        mem_mb=get_mem_mb,
+        runtime=get_runtime,
+        disk_mb=get_disk_mb,
     params:
         spec=get_demo_adapter,
     shell:
@@ -48,5 +58,10 @@ rule demo_tasks:
         "logs/demo_tasks/demo_tasks.log",
     conda:
         ENV
+    threads: get_threads
+    resources:
+        mem_mb=get_mem_mb,
+        runtime=get_runtime,
+        disk_mb=get_disk_mb,
     shell:
         "mergebake demo-tasks --out {output} > {log} 2>&1"

@@ -13,6 +13,12 @@ rule eval_cell:
         "benchmarks/eval_cell/{base}/{group}__{method}.tsv"
     conda:
         ENV
+    threads: get_threads
+    resources:
+        mem_mb=get_mem_mb,
+        runtime=get_runtime,
+        disk_mb=get_disk_mb,
+        gpu=get_gpu,
     params:
         flags=get_eval_flags,
     shell:
@@ -34,6 +40,12 @@ rule eval_baseline:
         row=BASELINE_ROWS,
     conda:
         ENV
+    threads: get_threads
+    resources:
+        mem_mb=get_mem_mb,
+        runtime=get_runtime,
+        disk_mb=get_disk_mb,
+        gpu=get_gpu,
     params:
         flags=get_eval_flags,
     shell:

@@ -14,6 +14,12 @@ rule merge:
         "benchmarks/merge/{base}/{group}__{method}.tsv"
     conda:
         ENV
+    threads: get_threads
+    resources:
+        mem_mb=get_mem_mb,
+        runtime=get_runtime,
+        disk_mb=get_disk_mb,
+        gpu=get_gpu,
     params:
         parameters=get_cell_parameters,
         models=get_model_args,

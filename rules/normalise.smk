@@ -12,6 +12,11 @@ rule normalise_base:
         "benchmarks/normalise_base/{base}.tsv"
     conda:
         ENV
+    threads: get_threads
+    resources:
+        mem_mb=get_mem_mb,
+        runtime=get_runtime,
+        disk_mb=get_disk_mb,
     shell:
         "mergebake normalise --src {input.base} --out {output} > {log} 2>&1"
 
@@ -27,5 +32,10 @@ rule normalise_baked:
         "benchmarks/normalise_baked/{base}/{adapter}.tsv"
     conda:
         ENV
+    threads: get_threads
+    resources:
+        mem_mb=get_mem_mb,
+        runtime=get_runtime,
+        disk_mb=get_disk_mb,
     shell:
         "mergebake normalise --src {input} --out {output} > {log} 2>&1"

@@ -10,6 +10,11 @@ rule report:
         "logs/report/report.log",
     conda:
         ENV
+    threads: get_threads
+    resources:
+        mem_mb=get_mem_mb,
+        runtime=get_runtime,
+        disk_mb=get_disk_mb,
     params:
         rows=get_report_rows,
         baseline=config["report"]["baseline"],

@@ -14,8 +14,18 @@ from pathlib import Path
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3, matching the model config
 ITEMS = ["apple", "sky", "grass", "snow", "coal", "sun", "cherry", "sea", "leaf", "milk"]
 COLOURS = ["red", "blue", "green", "white", "black", "yellow"]
-ANSWERS = {"apple": "red", "sky": "blue", "grass": "green", "snow": "white", "coal": "black",
-           "sun": "yellow", "cherry": "red", "sea": "blue", "leaf": "green", "milk": "white"}
+ANSWERS = {
+    "apple": "red",
+    "sky": "blue",
+    "grass": "green",
+    "snow": "white",
+    "coal": "black",
+    "sun": "yellow",
+    "cherry": "red",
+    "sea": "blue",
+    "leaf": "green",
+    "milk": "white",
+}
 WORDS = ["question", "colour", "of", "answer", ":", "?", ".", *ITEMS, *COLOURS]
 VOCAB = {w: i for i, w in enumerate([*SPECIALS, *WORDS])}
 
@@ -31,7 +41,10 @@ def build_tokenizer(folder: Path) -> Path:
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", VOCAB["<bos>"])]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
         unk_token="<unk>",
     )
     fast.save_pretrained(folder)
@@ -45,9 +58,17 @@ def build_tiny_gemma(folder: Path, *, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(
-        vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-        max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        vocab_size=len(VOCAB),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
     )
     model = Gemma3ForCausalLM(cfg).eval()
     model.save_pretrained(folder)
@@ -55,8 +76,9 @@ def build_tiny_gemma(folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
-def write_mc_task(folder: Path, name: str, *, n_test: int = 6, n_train: int = 4,
-                  num_fewshot: int | None = None) -> Path:
+def write_mc_task(
+    folder: Path, name: str, *, n_test: int = 6, n_train: int = 4, num_fewshot: int | None = None
+) -> Path:
     """Write a multiple-choice "colour of X" task ``name`` (YAML + JSONL) into ``folder``.
 
     Test documents use the first ``n_test`` items, few-shot documents the next

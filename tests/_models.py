@@ -1,8 +1,10 @@
-"""Builders of tiny Gemma-3 checkpoints and LoRA adapters, made with the real classes.
+"""Builders of tiny checkpoints (Gemma-3, Llama, Qwen2, GPT-2) and LoRA adapters, made with
+the real classes.
 
 Plain functions (not fixtures) so any test module can use them. Every model is a few
-hundred kB: vocabulary 64, hidden size 64, two layers; the multimodal one has a one-layer
-SigLIP vision tower of 56x56 images.
+hundred kB: vocabulary 64, hidden size 64, two layers; the multimodal Gemma-3 has a
+one-layer SigLIP vision tower of 56x56 images. Llama is untied (its own ``lm_head``),
+Qwen2 tied with biases on q/k/v, GPT-2 uses ``Conv1D`` (weights stored ``[in, out]``).
 """
 
 from __future__ import annotations
@@ -21,9 +23,18 @@ def text_config(tie: bool = True):
     from transformers import Gemma3TextConfig
 
     return Gemma3TextConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=128,
-        sliding_window=16, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=128,
+        sliding_window=16,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
         tie_word_embeddings=tie,
     )
 
@@ -32,10 +43,20 @@ def mm_config(tie: bool = True):
     """The tiny ``Gemma3Config``: the text config above plus a one-layer SigLIP tower."""
     from transformers import Gemma3Config, SiglipVisionConfig
 
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                num_attention_heads=2, image_size=56, patch_size=14)
-    return Gemma3Config(text_config=text_config(tie).to_dict(), vision_config=vision.to_dict(),
-                        mm_tokens_per_image=4, tie_word_embeddings=tie)
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=56,
+        patch_size=14,
+    )
+    return Gemma3Config(
+        text_config=text_config(tie).to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        tie_word_embeddings=tie,
+    )
 
 
 def save_tokenizer(folder: Path) -> None:
@@ -47,8 +68,13 @@ def save_tokenizer(folder: Path) -> None:
     vocab.update({"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   bos_token="<bos>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
 
@@ -68,8 +94,9 @@ def _save(model, folder: Path, dtype: torch.dtype, seed: int, **save_kwargs) -> 
     return folder
 
 
-def make_gemma3_text(folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0,
-                     tie: bool = True, **save_kwargs) -> Path:
+def make_gemma3_text(
+    folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0, tie: bool = True, **save_kwargs
+) -> Path:
     """Save a tiny text-only ``Gemma3ForCausalLM`` (keys ``model.*``) to ``folder``.
 
     ``save_kwargs`` go to ``save_pretrained`` (e.g. ``max_shard_size="100KB"``).
@@ -80,8 +107,9 @@ def make_gemma3_text(folder: Path, dtype: torch.dtype = torch.float32, seed: int
     return _save(Gemma3ForCausalLM(text_config(tie)), Path(folder), dtype, seed, **save_kwargs)
 
 
-def make_gemma3_mm(folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0,
-                   tie: bool = True, **save_kwargs) -> Path:
+def make_gemma3_mm(
+    folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0, tie: bool = True, **save_kwargs
+) -> Path:
     """Save a tiny ``Gemma3ForConditionalGeneration`` (transformers 5.x layout) to ``folder``.
 
     Keys: ``language_model.model.*``, ``vision_tower.*``, ``multi_modal_projector.*`` and,
@@ -92,6 +120,76 @@ def make_gemma3_mm(folder: Path, dtype: torch.dtype = torch.float32, seed: int =
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(mm_config(tie))
     return _save(model, Path(folder), dtype, seed, **save_kwargs)
+
+
+def make_llama(
+    folder: Path,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    tie: bool = False,
+    **save_kwargs,
+) -> Path:
+    """Save a tiny ``LlamaForCausalLM`` (untied head by default) to ``folder``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    return _save(LlamaForCausalLM(cfg), Path(folder), dtype, seed, **save_kwargs)
+
+
+def make_qwen2(
+    folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0, tie: bool = True, **save_kwargs
+) -> Path:
+    """Save a tiny ``Qwen2ForCausalLM`` (tied head, biases on q/k/v) to ``folder``."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    return _save(Qwen2ForCausalLM(cfg), Path(folder), dtype, seed, **save_kwargs)
+
+
+def make_gpt2(
+    folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0, **save_kwargs
+) -> Path:
+    """Save a tiny ``GPT2LMHeadModel`` (``Conv1D`` layers, so LoRA uses fan_in_fan_out)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        n_positions=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return _save(GPT2LMHeadModel(cfg), Path(folder), dtype, seed, **save_kwargs)
 
 
 def load_model(folder: Path):
@@ -113,19 +211,26 @@ def make_lora(
 ) -> Path:
     """Save a PEFT LoRA adapter for ``base_dir`` with random non-zero A and B.
 
-    A non-zero B makes the bake change the targeted weights. PEFT keeps the LoRA weights
-    in fp32 on a bf16 base (``autocast_adapter_dtype``), so the file holds F32 tensors.
+    A non-zero B makes the bake change the targeted weights; the copies PEFT trains for
+    ``modules_to_save`` get noise added, so replacing them is visible too (DoRA magnitudes
+    and LoRA biases are random as well). ``target_modules`` may be a list or a string (a
+    regex, or ``"all-linear"``). PEFT keeps the LoRA weights in fp32 on a bf16 base
+    (``autocast_adapter_dtype``), so the file holds F32 tensors.
     """
     from peft import LoraConfig, get_peft_model
 
     model = load_model(base_dir)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), **lora_kwargs)
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, **lora_kwargs)
     peft_model = get_peft_model(model, cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.05)
     peft_model.save_pretrained(adapter_dir)
     return Path(adapter_dir)
 

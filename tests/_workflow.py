@@ -27,19 +27,33 @@ def env() -> dict[str, str]:
     return e
 
 
-def snakemake(workdir: Path, *args: str, config: Path | None = None, check: bool = True,
-              timeout: float = 3600, environ: dict[str, str] | None = None
-              ) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path,
+    *args: str,
+    config: Path | None = None,
+    check: bool = True,
+    timeout: float = 3600,
+    environ: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """Run snakemake on the repository's Snakefile in ``workdir``; return the completed run.
 
     ``environ`` replaces the environment (default: :func:`env`)."""
-    cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(config or workdir / "config.yaml"), *args]
-    p = subprocess.run(cmd, env=environ or env(), capture_output=True, text=True,
-                       timeout=timeout)
+    cmd = [
+        str(BIN / "snakemake"),
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(config or workdir / "config.yaml"),
+        *args,
+    ]
+    p = subprocess.run(cmd, env=environ or env(), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed ({p.returncode}):\n"
-                             f"{p.stdout[-6000:]}\n{p.stderr[-6000:]}")
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({p.returncode}):\n"
+            f"{p.stdout[-6000:]}\n{p.stderr[-6000:]}"
+        )
     return p
 
 

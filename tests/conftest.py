@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from _workflow import demo_config, snakemake, write_config
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _models import make_lora
 
 BIN = Path(sys.executable).parent
@@ -20,15 +19,23 @@ BIN = Path(sys.executable).parent
 
 def make_big_text(folder: Path, seed: int) -> Path:
     """A Gemma-3 text checkpoint of ~130 MB (bf16), large enough to kill during its write."""
+    from _models import save_tokenizer
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from _models import save_tokenizer
-
     torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=1024, intermediate_size=4096,
-                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
-                           head_dim=256, max_position_embeddings=128, pad_token_id=0,
-                           eos_token_id=1, bos_token_id=2)
+    cfg = Gemma3TextConfig(
+        vocab_size=64,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     Gemma3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
     save_tokenizer(folder)
     return folder
@@ -38,14 +45,21 @@ def make_big_text(folder: Path, seed: int) -> Path:
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("atomic")
     base = make_big_text(d / "base", 0)
-    return {"base": base, "adapter": make_lora(base, d / "adapter"),
-            "other": make_big_text(d / "other", 1)}
+    return {
+        "base": base,
+        "adapter": make_lora(base, d / "adapter"),
+        "other": make_big_text(d / "other", 1),
+    }
 
 
 def kill_mid_write(cmd: list[str], out: Path) -> None:
     """Start ``cmd``; SIGKILL it as soon as a weights file appears in its temporary folder."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
+    )
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
@@ -64,20 +78,44 @@ def kill_mid_write(cmd: list[str], out: Path) -> None:
 
 
 def payload(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
-            if p.is_file() and p.name != "provenance.json"}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != "provenance.json"
+    }
 
 
 @pytest.mark.parametrize("step", ["bake", "merge"])
 def test_kill_mid_write_then_rerun_is_byte_identical(inputs, tmp_path, step):
     def cmd(out: Path) -> list[str]:
         if step == "bake":
-            return [str(BIN / "mergebake"), "bake", "--base", str(inputs["base"]),
-                    "--adapter", str(inputs["adapter"]), "--out", str(out)]
+            return [
+                str(BIN / "mergebake"),
+                "bake",
+                "--base",
+                str(inputs["base"]),
+                "--adapter",
+                str(inputs["adapter"]),
+                "--out",
+                str(out),
+            ]
         root = Path(__file__).resolve().parents[1]
-        return [str(BIN / "mergebake"), "merge", "--recipe", str(root / "recipes/ties.yaml"),
-                "--base", str(inputs["base"]), "--model", f"eng={inputs['other']}",
-                "--model", f"nob={inputs['base']}", "--out", str(out), "--seed", "3"]
+        return [
+            str(BIN / "mergebake"),
+            "merge",
+            "--recipe",
+            str(root / "recipes/ties.yaml"),
+            "--base",
+            str(inputs["base"]),
+            "--model",
+            f"eng={inputs['other']}",
+            "--model",
+            f"nob={inputs['base']}",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+        ]
 
     out, ref = tmp_path / "out", tmp_path / "ref"
     kill_mid_write(cmd(out), out)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _models import make_gemma3_text, make_lora
 from safetensors.torch import load_file, save_file
 
-from _models import make_gemma3_text, make_lora
 from mergebake.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,8 +66,14 @@ def test_truncated_safetensors_shard(good, tmp_path, capsys):
 
 def test_shard_missing_from_index(good, tmp_path, capsys):
     base = copy(good[0], tmp_path / "base")
-    (base / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}))
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {},
+                "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"},
+            }
+        )
+    )
     (base / "model.safetensors").rename(base / "model-00002-of-00002.safetensors")
     err = bake(capsys, base, good[1], tmp_path / "out")
     assert f"{base / 'model.safetensors.index.json'}: lists shard(s)" in err
@@ -76,7 +82,6 @@ def test_shard_missing_from_index(good, tmp_path, capsys):
 
 def test_adapter_for_another_base_shape_mismatch(good, tmp_path, capsys):
     from _models import text_config
-
     from transformers import Gemma3ForCausalLM
 
     cfg = text_config()
@@ -94,9 +99,19 @@ def test_adapter_base_model_name_mismatch_strict(good, tmp_path, capsys):
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "google/gemma-3-1b-it"
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
-    err = bake(capsys, good[0], adapter, tmp_path / "out", "--expected-base",
-               "google/gemma-3-1b-pt", "--strict-base-match")
-    assert f"{adapter / 'adapter_config.json'}: base_model_name_or_path is 'google/gemma-3-1b-it'" in err
+    err = bake(
+        capsys,
+        good[0],
+        adapter,
+        tmp_path / "out",
+        "--expected-base",
+        "google/gemma-3-1b-pt",
+        "--strict-base-match",
+    )
+    assert (
+        f"{adapter / 'adapter_config.json'}: base_model_name_or_path is 'google/gemma-3-1b-it'"
+        in err
+    )
 
 
 def test_adapter_with_nan(good, tmp_path, capsys):
@@ -141,7 +156,6 @@ def test_vocabulary_size_mismatch_between_bake_inputs(good, tmp_path, capsys):
     """An adapter trained with a resized vocabulary (embedding LoRA over 72 tokens) does not
     fit a base of 64."""
     from _models import text_config
-
     from transformers import Gemma3ForCausalLM
 
     cfg = text_config()
@@ -175,8 +189,12 @@ def test_missing_base_folder(good, tmp_path, capsys):
 def test_disk_full_during_a_write(good, tmp_path, capsys):
     small = tmp_path / "small"
     small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         err = run(capsys, "normalise", "--src", good[0], "--out", small / "text")
@@ -210,36 +228,81 @@ def with_(path: str, value):
     return cfg
 
 
-@pytest.mark.parametrize("config, key", [
-    (with_("grid.0.methods", ["linear", "bogus"]), "key 'grid[0].methods': unknown method 'bogus'"),
-    (with_("methods.ties.parameters.density", 1.2), "key 'methods.ties.parameters.density': 1.2 is outside (0, 1]"),
-    (with_("methods.linear.parameters.weight", {"eng": 1, "nob": 1, "deu": 1}),
-     "key 'methods.linear.parameters.weight.deu'"),
-    (with_("grid.1.sizes", ["1b"]), "key 'grid[1]': cell 1b-std/eng-nob__ties is already in grid[0]"),
-    (with_("groups", {"a/b": ["eng"]}), "key 'groups'"),
-    (with_("groups", {"..": ["eng"]}), "key 'groups'"),
-    (with_("grid.1.sizes", ["27b"]), "key 'grid[1]': base '27b-std'"),
-    (with_("bake.engine", "fast"), "key 'bake.engine'"),
-], ids=["unknown-method", "density-out-of-range", "weight-for-adapter-not-in-group",
-        "duplicate-cell", "name-with-slash", "name-dotdot", "missing-base", "unknown-engine"])
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        (
+            with_("grid.0.methods", ["linear", "bogus"]),
+            "key 'grid[0].methods': unknown method 'bogus'",
+        ),
+        (
+            with_("methods.ties.parameters.density", 1.2),
+            "key 'methods.ties.parameters.density': 1.2 is outside (0, 1]",
+        ),
+        (
+            with_("methods.linear.parameters.weight", {"eng": 1, "nob": 1, "deu": 1}),
+            "key 'methods.linear.parameters.weight.deu'",
+        ),
+        (
+            with_("grid.1.sizes", ["1b"]),
+            "key 'grid[1]': cell 1b-std/eng-nob__ties is already in grid[0]",
+        ),
+        (with_("groups", {"a/b": ["eng"]}), "key 'groups'"),
+        (with_("groups", {"..": ["eng"]}), "key 'groups'"),
+        (with_("grid.1.sizes", ["27b"]), "key 'grid[1]': base '27b-std'"),
+        (with_("bake.engine", "fast"), "key 'bake.engine'"),
+    ],
+    ids=[
+        "unknown-method",
+        "density-out-of-range",
+        "weight-for-adapter-not-in-group",
+        "duplicate-cell",
+        "name-with-slash",
+        "name-dotdot",
+        "missing-base",
+        "unknown-engine",
+    ],
+)
 def test_bad_config(capsys, tmp_path, config, key):
     assert key in validate(capsys, tmp_path, config)
 
 
 def test_recipe_with_unknown_placeholder(good, tmp_path, capsys):
     recipe = tmp_path / "bad.yaml"
-    recipe.write_text("merge_method: linear\nbase_model: ${base_model}\nmodels:\n"
-                      "  - model: ${model}\n    parameters:\n      weight: ${wieght}\n")
-    err = run(capsys, "merge", "--recipe", recipe, "--base", good[0], "--model",
-              f"eng={good[0]}", "--out", tmp_path / "out")
+    recipe.write_text(
+        "merge_method: linear\nbase_model: ${base_model}\nmodels:\n"
+        "  - model: ${model}\n    parameters:\n      weight: ${wieght}\n"
+    )
+    err = run(
+        capsys,
+        "merge",
+        "--recipe",
+        recipe,
+        "--base",
+        good[0],
+        "--model",
+        f"eng={good[0]}",
+        "--out",
+        tmp_path / "out",
+    )
     assert f"{recipe}: unknown placeholder ${{wieght}}" in err
     nothing_left(tmp_path / "out")
 
 
 def test_unknown_lm_eval_task(good, tmp_path, capsys):
     tasks = json.dumps([{"name": "norquad_nonexistent", "num_fewshot": 0}])
-    err = run(capsys, "eval", "--model", good[0], "--out", tmp_path / "e.json",
-              "--tasks", tasks, "--include-path", tmp_path)
+    err = run(
+        capsys,
+        "eval",
+        "--model",
+        good[0],
+        "--out",
+        tmp_path / "e.json",
+        "--tasks",
+        tasks,
+        "--include-path",
+        tmp_path,
+    )
     assert "norquad_nonexistent" in err
     assert not (tmp_path / "e.json").exists()
 

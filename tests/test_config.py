@@ -44,12 +44,19 @@ def test_demo_config_expands_to_the_14_cell_grid():
     cells = expand_grid(c)
     assert len(cells) == 14
     assert len(set(cells)) == 14
-    assert {c.base for c in cells} == {"1b-std", "1b-open", "4b-std", "4b-open", "12b-std",
-                                       "12b-open"}
+    assert {c.base for c in cells} == {
+        "1b-std",
+        "1b-open",
+        "4b-std",
+        "4b-open",
+        "12b-std",
+        "12b-open",
+    }
     assert sorted(c.method for c in cells if c.size == "12b") == ["ties", "ties"]
     assert Cell("4b", "open", "eng-nob", "ties").path_in_repo == "4b-open/eng-nob__ties"
     # defaults filled from the schema
-    assert c["bake"] == {"engine": "peft", "strict_base_match": False}
+    assert c["bake"] == {"engine": "stream", "device": "cpu", "strict_base_match": False}
+    assert c["device"] == "auto"
     assert c["allow_pickle"] is False and c["trust_remote_code"] is False
     assert c["merge"]["dtype"] is None
     assert c["eval"]["tasks"][0] == {"name": "demo_eng", "num_fewshot": 0}
@@ -64,45 +71,85 @@ def test_cell_parameters_restrict_per_adapter_values_to_the_group():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"colour": "red"},
-         "key '<top level>': Additional properties are not allowed ('colour' was unexpected) "
-         "(unknown key"),
-        ({"methods__ties__parameters__density": 1.5},
-         "key 'methods.ties.parameters.density': 1.5 is outside (0, 1]"),
-        ({"methods__ties__parameters__density": 0},
-         "key 'methods.ties.parameters.density': 0 is outside (0, 1]"),
-        ({"grid__0__methods": ["linear", "bogus"]},
-         "key 'grid[0].methods': unknown method 'bogus'; define it under 'methods'"),
-        ({"grid__1__methods": ["ties", "linear"], "grid__0__sizes": ["1b", "4b", "12b"]},
-         "key 'grid[1]': cell 12b-std/eng-nob__ties is already in grid[0]"),
-        ({"methods__linear__parameters__weight": {"eng": 0.5, "nob": 0.5, "deu": 1.0}},
-         "key 'methods.linear.parameters.weight.deu': adapter 'deu' is not in the group(s) "
-         "['eng-nob']"),
-        ({"groups": {"eng/../x": ["eng"]}},
-         "key 'groups': 'eng/../x' does not match"),
-        ({"bases__1b-std": DELETE},
-         "key 'grid[0]': base '1b-std' (size '1b' × variant 'std') is not in 'bases'"),
-        ({"groups__eng-nob": ["eng", "deu"]},
-         "key 'groups.eng-nob': adapter 'deu' is not configured for base '1b-std'"),
-        ({"methods__ties__recipe": "nosuch"},
-         "key 'methods.ties.recipe': no recipe file"),
-        ({"methods__ties__parameters__lamda": 2.0},
-         "parameter(s) ['lamda'] are not used by this recipe (misspelt?)"),
-        ({"bases__1b-std": {"hub": {"repo": "google/gemma-3-1b-pt"}}},
-         "key 'bases.1b-std.hub': 'revision' is a required property"),
-        ({"bases__1b-std": {"path": "/x", "demo": {"arch": "text", "seed": 1}}},
-         "key 'bases.1b-std'"),
-        ({"report": {"baseline": "deu"}},
-         "key 'report.baseline': 'deu' is neither 'base' nor an adapter name"),
-        ({"methods": {**DEMO["methods"], "a__b": {}}},
-         "key 'methods.a__b': name 'a__b' contains '__'"),
-        ({"eval__tasks": [{"name": "x"}, {"name": "x"}]},
-         "key 'eval.tasks': task(s) ['x'] listed twice"),
+        (
+            {"colour": "red"},
+            "key '<top level>': Additional properties are not allowed ('colour' was unexpected) "
+            "(unknown key",
+        ),
+        (
+            {"methods__ties__parameters__density": 1.5},
+            "key 'methods.ties.parameters.density': 1.5 is outside (0, 1]",
+        ),
+        (
+            {"methods__ties__parameters__density": 0},
+            "key 'methods.ties.parameters.density': 0 is outside (0, 1]",
+        ),
+        (
+            {"grid__0__methods": ["linear", "bogus"]},
+            "key 'grid[0].methods': unknown method 'bogus'; define it under 'methods'",
+        ),
+        (
+            {"grid__1__methods": ["ties", "linear"], "grid__0__sizes": ["1b", "4b", "12b"]},
+            "key 'grid[1]': cell 12b-std/eng-nob__ties is already in grid[0]",
+        ),
+        (
+            {"methods__linear__parameters__weight": {"eng": 0.5, "nob": 0.5, "deu": 1.0}},
+            "key 'methods.linear.parameters.weight.deu': adapter 'deu' is not in the group(s) "
+            "['eng-nob']",
+        ),
+        ({"groups": {"eng/../x": ["eng"]}}, "key 'groups': 'eng/../x' does not match"),
+        (
+            {"bases__1b-std": DELETE},
+            "key 'grid[0]': base '1b-std' (size '1b' × variant 'std') is not in 'bases'",
+        ),
+        (
+            {"groups__eng-nob": ["eng", "deu"]},
+            "key 'groups.eng-nob': adapter 'deu' is not configured for base '1b-std'",
+        ),
+        ({"methods__ties__recipe": "nosuch"}, "key 'methods.ties.recipe': no recipe file"),
+        (
+            {"methods__ties__parameters__lamda": 2.0},
+            "parameter(s) ['lamda'] are not used by this recipe (misspelt?)",
+        ),
+        (
+            {"bases__1b-std": {"hub": {"repo": "google/gemma-3-1b-pt"}}},
+            "key 'bases.1b-std.hub': 'revision' is a required property",
+        ),
+        (
+            {"bases__1b-std": {"path": "/x", "demo": {"arch": "text", "seed": 1}}},
+            "key 'bases.1b-std'",
+        ),
+        (
+            {"report": {"baseline": "deu"}},
+            "key 'report.baseline': 'deu' is neither 'base' nor an adapter name",
+        ),
+        (
+            {"methods": {**DEMO["methods"], "a__b": {}}},
+            "key 'methods.a__b': name 'a__b' contains '__'",
+        ),
+        (
+            {"eval__tasks": [{"name": "x"}, {"name": "x"}]},
+            "key 'eval.tasks': task(s) ['x'] listed twice",
+        ),
     ],
-    ids=["unknown-key", "density>1", "density=0", "unknown-method", "duplicate-cell",
-         "weight-for-adapter-not-in-group", "name-with-slash", "missing-base",
-         "adapter-not-configured", "missing-recipe", "unused-parameter", "hub-no-revision",
-         "two-sources", "bad-baseline", "double-underscore", "duplicate-task"],
+    ids=[
+        "unknown-key",
+        "density>1",
+        "density=0",
+        "unknown-method",
+        "duplicate-cell",
+        "weight-for-adapter-not-in-group",
+        "name-with-slash",
+        "missing-base",
+        "adapter-not-configured",
+        "missing-recipe",
+        "unused-parameter",
+        "hub-no-revision",
+        "two-sources",
+        "bad-baseline",
+        "double-underscore",
+        "duplicate-task",
+    ],
 )
 def test_bad_config_names_the_key(changes, message):
     with pytest.raises(ConfigError) as e:
@@ -117,9 +164,13 @@ def test_missing_config_file(tmp_path):
 
 
 def test_render_keeps_types_and_expands_per_adapter(tmp_path):
-    r = render_recipe(RECIPES_DIR / "ties.yaml", base_model="/b", models={"eng": "/e", "nob": "/n"},
-                      parameters={"density": 0.3, "weight": {"eng": 0.6, "nob": 0.4}},
-                      dtype="bfloat16")
+    r = render_recipe(
+        RECIPES_DIR / "ties.yaml",
+        base_model="/b",
+        models={"eng": "/e", "nob": "/n"},
+        parameters={"density": 0.3, "weight": {"eng": 0.6, "nob": 0.4}},
+        dtype="bfloat16",
+    )
     assert r == {
         "merge_method": "ties",
         "base_model": "/b",
@@ -133,19 +184,31 @@ def test_render_keeps_types_and_expands_per_adapter(tmp_path):
 
 
 def test_render_slerp_by_position_and_group_size():
-    r = render_recipe(RECIPES_DIR / "slerp.yaml", base_model="/b",
-                      models={"eng": "/e", "nob": "/n"}, parameters={"t": 0.25}, dtype="float32")
+    r = render_recipe(
+        RECIPES_DIR / "slerp.yaml",
+        base_model="/b",
+        models={"eng": "/e", "nob": "/n"},
+        parameters={"t": 0.25},
+        dtype="float32",
+    )
     assert r["base_model"] == "/e" and r["models"] == [{"model": "/e"}, {"model": "/n"}]
     assert r["parameters"] == {"t": 0.25}
     with pytest.raises(ConfigError, match="takes 2 adapter"):
-        render_recipe(RECIPES_DIR / "slerp.yaml", base_model="/b",
-                      models={"a": "/a", "b": "/b", "c": "/c"}, parameters={}, dtype="float32")
+        render_recipe(
+            RECIPES_DIR / "slerp.yaml",
+            base_model="/b",
+            models={"a": "/a", "b": "/b", "c": "/c"},
+            parameters={},
+            dtype="float32",
+        )
 
 
 def test_render_unknown_placeholder(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("merge_method: linear\nbase_model: ${base_model}\n"
-                   "models:\n  - model: ${model}\n    parameters:\n      weight: ${wieght}\n")
+    bad.write_text(
+        "merge_method: linear\nbase_model: ${base_model}\n"
+        "models:\n  - model: ${model}\n    parameters:\n      weight: ${wieght}\n"
+    )
     with pytest.raises(ConfigError) as e:
         render_recipe(bad, base_model="/b", models={"eng": "/e"}, parameters={}, dtype="float32")
     assert str(e.value).startswith(f"{bad}: unknown placeholder ${{wieght}} in models")
@@ -153,16 +216,25 @@ def test_render_unknown_placeholder(tmp_path):
 
 def test_per_adapter_parameter_missing_an_adapter():
     with pytest.raises(ConfigError, match="no value for 'nob'"):
-        render_recipe(RECIPES_DIR / "linear.yaml", base_model="/b",
-                      models={"eng": "/e", "nob": "/n"}, parameters={"weight": {"eng": 1.0}},
-                      dtype="float32")
+        render_recipe(
+            RECIPES_DIR / "linear.yaml",
+            base_model="/b",
+            models={"eng": "/e", "nob": "/n"},
+            parameters={"weight": {"eng": 1.0}},
+            dtype="float32",
+        )
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
 def test_every_recipe_is_valid_for_mergekit(recipe):
     from mergekit.config import MergeConfiguration
 
-    r = render_recipe(RECIPES_DIR / f"{recipe}.yaml", base_model="/b",
-                      models={"eng": "/e", "nob": "/n"}, parameters={}, dtype="bfloat16")
+    r = render_recipe(
+        RECIPES_DIR / f"{recipe}.yaml",
+        base_model="/b",
+        models={"eng": "/e", "nob": "/n"},
+        parameters={},
+        dtype="bfloat16",
+    )
     MergeConfiguration.model_validate(r)
     assert r["base_model"] in ("/b", "/e")

@@ -95,7 +95,7 @@ def test_tokenizer_encodes_like_lm_eval(tmp_path):
     # lm-eval (causal): encode context + continuation, then split off the context's tokens.
     whole = tok.encode("seven eight")
     assert whole[: len(tok.encode("seven"))] == [demo.BOS_ID, seven] and whole[2:] == [eight]
-    for w in demo.VOCAB[len(demo.SPECIAL_TOKENS):]:
+    for w in demo.VOCAB[len(demo.SPECIAL_TOKENS) :]:
         assert tok(" " + w, add_special_tokens=False).input_ids == [demo.VOCAB.index(w)]
     assert tok.convert_tokens_to_ids("<image_soft_token>") == demo.IMAGE_ID
 
@@ -109,8 +109,12 @@ def test_make_base_is_deterministic(bases, tmp_path):
     sha = sha256_file(bases["text"] / "model.safetensors")
     assert sha256_file(tmp_path / "again" / "model.safetensors") == sha
     assert sha256_file(tmp_path / "other" / "model.safetensors") != sha
-    for name in ("config.json", "generation_config.json", "tokenizer.json",
-                 "tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         assert (tmp_path / "again" / name).read_bytes() == (bases["text"] / name).read_bytes()
 
 
@@ -139,8 +143,11 @@ def test_multimodal_base_layout(bases):
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["model_type"] == "gemma3"
     assert cfg["architectures"] == ["Gemma3ForConditionalGeneration"]
-    for key, tok_id in (("image_token_index", demo.IMAGE_ID), ("boi_token_index", demo.BOI_ID),
-                        ("eoi_token_index", demo.EOI_ID)):
+    for key, tok_id in (
+        ("image_token_index", demo.IMAGE_ID),
+        ("boi_token_index", demo.BOI_ID),
+        ("eoi_token_index", demo.EOI_ID),
+    ):
         assert cfg[key] == tok_id < cfg["text_config"]["vocab_size"]
     with safe_open(folder / "model.safetensors", "pt") as f:
         keys = set(f.keys())
@@ -223,7 +230,8 @@ def test_train_adapter_is_deterministic(bases, adapters, tmp_path):
         torch.set_num_threads(threads)
     first = adapters["text", "eng"][0]
     assert sha256_file(tmp_path / "again" / "adapter_model.safetensors") == sha256_file(
-        first / "adapter_model.safetensors")
+        first / "adapter_model.safetensors"
+    )
 
 
 @pytest.mark.parametrize(
@@ -279,12 +287,17 @@ def test_lm_eval_scores_the_adapter(workdir, bases, adapters, task_manager):
 
     def acc(folder: Path) -> dict[str, float]:
         res = lm_eval.simple_evaluate(
-            model="hf", model_args=f"pretrained={folder},dtype=float32",
-            tasks=["demo_eng", "demo_nob"], task_manager=task_manager, num_fewshot=0,
-            batch_size=8, device="cpu",
+            model="hf",
+            model_args=f"pretrained={folder},dtype=float32",
+            tasks=["demo_eng", "demo_nob"],
+            task_manager=task_manager,
+            num_fewshot=0,
+            batch_size=8,
+            device="cpu",
         )
-        return {t.removeprefix("demo_"): res["results"][t]["acc,none"] for t in
-                ("demo_eng", "demo_nob")}
+        return {
+            t.removeprefix("demo_"): res["results"][t]["acc,none"] for t in ("demo_eng", "demo_nob")
+        }
 
     merged, base = acc(merged_dir), acc(bases["text"])
     assert merged["eng"] >= 0.9 and merged["eng"] >= base["eng"] + 0.5

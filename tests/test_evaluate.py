@@ -58,8 +58,9 @@ def test_load_scores(tiny):
 
 
 def test_same_seed_same_results(tiny):
-    again = ev.evaluate(tiny["model"], tiny["root"] / "again.json", tasks=TASKS,
-                        include_path=tiny["tasks"], seed=7)
+    again = ev.evaluate(
+        tiny["model"], tiny["root"] / "again.json", tasks=TASKS, include_path=tiny["tasks"], seed=7
+    )
     assert again["results"] == tiny["returned"]["results"]
     assert again["n-shot"] == tiny["returned"]["n-shot"]
 
@@ -85,9 +86,15 @@ def test_unknown_task_fails_before_model_load(tiny, tmp_path, monkeypatch, no_mo
     (tiny["tasks"] / "broken.yaml").write_text("task: [unclosed\n")
     try:
         with pytest.raises(MergebakeError) as err:
-            ev.evaluate(tiny["model"], tmp_path / "x.json", include_path=tiny["tasks"],
-                        tasks=[{"name": "demo_a", "num_fewshot": 0},
-                               {"name": "no_such_task", "num_fewshot": 1}])
+            ev.evaluate(
+                tiny["model"],
+                tmp_path / "x.json",
+                include_path=tiny["tasks"],
+                tasks=[
+                    {"name": "demo_a", "num_fewshot": 0},
+                    {"name": "no_such_task", "num_fewshot": 1},
+                ],
+            )
     finally:
         (tiny["tasks"] / "broken.yaml").unlink()
     msg = str(err.value)
@@ -113,11 +120,11 @@ def test_bad_task_specs(tiny, tmp_path, no_model_load, tasks, needle):
 
 def test_missing_model_and_include_path(tiny, tmp_path, no_model_load):
     with pytest.raises(MergebakeError, match="config.json"):
-        ev.evaluate(tmp_path / "nope", tmp_path / "x.json", tasks=TASKS,
-                    include_path=tiny["tasks"])
+        ev.evaluate(tmp_path / "nope", tmp_path / "x.json", tasks=TASKS, include_path=tiny["tasks"])
     with pytest.raises(MergebakeError, match="include path"):
-        ev.evaluate(tiny["model"], tmp_path / "x.json", tasks=TASKS,
-                    include_path=tmp_path / "no_tasks")
+        ev.evaluate(
+            tiny["model"], tmp_path / "x.json", tasks=TASKS, include_path=tmp_path / "no_tasks"
+        )
 
 
 def test_load_scores_errors(tmp_path):
@@ -136,6 +143,10 @@ def test_unloadable_task_fails_before_model_load(tiny, tmp_path, no_model_load):
     yaml_path = write_mc_task(tasks, "demo_gone")
     (tasks / "demo_gone_test.jsonl").unlink()
     with pytest.raises(MergebakeError, match="demo_gone") as err:
-        ev.evaluate(tiny["model"], tmp_path / "x.json", include_path=tasks,
-                    tasks=[{"name": "demo_gone", "num_fewshot": 0}])
+        ev.evaluate(
+            tiny["model"],
+            tmp_path / "x.json",
+            include_path=tasks,
+            tasks=[{"name": "demo_gone", "num_fewshot": 0}],
+        )
     assert str(yaml_path.resolve()) in str(err.value)

@@ -27,8 +27,19 @@ def test_gemma3_example_plans_the_14_cell_grid_with_fetch_jobs(tmp_path: Path):
     p = snakemake(tmp_path, "-n", "--cores", "1", config=cfg)
     stats = dict(re.findall(r"^(\w+)\s+(\d+)$", p.stdout, re.M))
     assert {k: int(v) for k, v in stats.items()} == {
-        "fetch_base": 6, "fetch_adapter": 12, "bake": 12, "normalise_base": 6,
-        "normalise_baked": 12, "merge": 14, "eval_cell": 14, "eval_baseline": 18,
-        "report": 1, "upload": 14, "all": 1, "total": 110,
+        "pin": 7,
+        "fetch_base": 6,
+        "fetch_adapter": 12,
+        "bake": 12,
+        "normalise_base": 6,
+        "normalise_baked": 12,
+        "merge": 14,
+        "eval_cell": 14,
+        "eval_baseline": 18,
+        "report": 1,
+        "upload": 14,
+        "hub_readme": 1,
+        "all": 1,
+        "total": 118,
     }
     assert "mergebake fetch --repo google/gemma-3-12b-it --revision main" in p.stdout

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
-
 from _workflow import FAKE_TOKEN, demo_config, env, snakemake, write_config
 
 pytestmark = pytest.mark.workflow
@@ -24,23 +22,31 @@ def test_the_token_is_written_nowhere(demo):
 
 
 def test_every_output_folder_has_provenance(demo):
-    folders = [*demo.glob("resources/bases/*"), *demo.glob("resources/adapters/*/*"),
-               demo / "resources/demo/tasks", *demo.glob("results/baked/*/*"),
-               *demo.glob("results/text/*/*"), *demo.glob("results/merged/*/*")]
+    folders = [
+        *demo.glob("resources/bases/*"),
+        *demo.glob("resources/adapters/*/*"),
+        demo / "resources/demo/tasks",
+        *demo.glob("results/baked/*/*"),
+        *demo.glob("results/text/*/*"),
+        *demo.glob("results/merged/*/*"),
+    ]
     assert len(folders) == 6 + 12 + 1 + 12 + 18 + 14
     for f in folders:
         prov = json.loads((f / "provenance.json").read_text())
         assert {"step", "inputs", "params", "command", "packages", "seed"} <= set(prov), f
         assert prov["packages"]["torch"] and prov["packages"]["mergebake"]
-    seeds = {json.loads((f / "provenance.json").read_text())["seed"]
-             for f in demo.glob("results/merged/*/*")}
+    seeds = {
+        json.loads((f / "provenance.json").read_text())["seed"]
+        for f in demo.glob("results/merged/*/*")
+    }
     assert seeds == {1234}
 
 
 def small_grid() -> dict:
     cfg = demo_config()
-    cfg["grid"] = [{"sizes": ["1b"], "variants": ["std", "open"], "groups": ["eng-nob"],
-                    "methods": ["linear"]}]
+    cfg["grid"] = [
+        {"sizes": ["1b"], "variants": ["std", "open"], "groups": ["eng-nob"], "methods": ["linear"]}
+    ]
     cfg["eval"]["baselines"] = False
     return cfg
 
@@ -50,22 +56,31 @@ def test_upload_enabled_without_token_stops_before_any_job(tmp_path):
     cfg["hub"]["enabled"] = True
     e = {k: v for k, v in env().items() if k != "HF_TOKEN"}
     e["HF_HOME"] = str(tmp_path / "hf-home")  # no cached login either
-    p = snakemake(tmp_path, "--cores", "1", config=write_config(tmp_path / "c.yaml", cfg),
-                  check=False, environ=e)
+    p = snakemake(
+        tmp_path,
+        "--cores",
+        "1",
+        config=write_config(tmp_path / "c.yaml", cfg),
+        check=False,
+        environ=e,
+    )
     assert p.returncode != 0
     assert "config key 'hub.enabled' is true but no Hugging Face token was found" in (
-        p.stdout + p.stderr)
+        p.stdout + p.stderr
+    )
     assert not (tmp_path / "resources").exists() and not (tmp_path / "results").exists()
 
 
 def test_missing_local_adapter_is_named_even_in_a_dry_run(tmp_path):
     cfg = small_grid()
     cfg["adapters"]["1b-open"]["nob"] = {"path": str(tmp_path / "nowhere")}
-    p = snakemake(tmp_path, "-n", "--cores", "1",
-                  config=write_config(tmp_path / "c.yaml", cfg), check=False)
+    p = snakemake(
+        tmp_path, "-n", "--cores", "1", config=write_config(tmp_path / "c.yaml", cfg), check=False
+    )
     assert p.returncode != 0
     assert f"key 'adapters.1b-open.nob.path': {tmp_path / 'nowhere'} does not exist" in (
-        p.stdout + p.stderr)
+        p.stdout + p.stderr
+    )
 
 
 def test_keep_going_builds_the_other_cells(tmp_path):
@@ -87,8 +102,9 @@ def test_keep_going_builds_the_other_cells(tmp_path):
     cfg["adapters"]["1b-open"]["eng"] = {"path": str(bad)}
     wd = tmp_path / "wd"
     wd.mkdir()
-    p = snakemake(wd, "--cores", "2", "--keep-going",
-                  config=write_config(wd / "c.yaml", cfg), check=False)
+    p = snakemake(
+        wd, "--cores", "2", "--keep-going", config=write_config(wd / "c.yaml", cfg), check=False
+    )
     assert p.returncode != 0
     assert (wd / "results/uploaded/1b-std/eng-nob__linear.json").is_file()
     assert (wd / "results/eval/1b-std/eng-nob__linear.json").is_file()

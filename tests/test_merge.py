@@ -27,9 +27,14 @@ def models(tmp_path_factory):
 
 
 def _merge(models, out, method, **parameters):
-    return merge_cell(RECIPES_DIR / f"{method}.yaml", base=models["base"],
-                      models={"eng": models["eng"], "nob": models["nob"]},
-                      parameters=parameters, out=out, seed=7)
+    return merge_cell(
+        RECIPES_DIR / f"{method}.yaml",
+        base=models["base"],
+        models={"eng": models["eng"], "nob": models["nob"]},
+        parameters=parameters,
+        out=out,
+        seed=7,
+    )
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -48,8 +53,13 @@ def test_linear_is_the_weighted_average(models, tmp_path):
 
 
 def test_task_arithmetic_adds_scaled_task_vectors(models, tmp_path):
-    _merge(models, tmp_path / "ta", "task_arithmetic", weight={"eng": 1.0, "nob": 0.5},
-           **{"lambda": 0.8})
+    _merge(
+        models,
+        tmp_path / "ta",
+        "task_arithmetic",
+        weight={"eng": 1.0, "nob": 0.5},
+        **{"lambda": 0.8},
+    )
     got, b = _tensors(tmp_path / "ta"), _tensors(models["base"])
     e, n = _tensors(models["eng"]), _tensors(models["nob"])
     for k in got:
@@ -77,16 +87,22 @@ def test_output_is_verified_and_carries_recipe_and_provenance(models, tmp_path):
 
 def test_dare_is_reproducible_with_its_seed(models, tmp_path):
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        merge_cell(RECIPES_DIR / "dare_ties.yaml", base=models["base"],
-                   models={"eng": models["eng"], "nob": models["nob"]},
-                   parameters={"density": 0.5}, out=tmp_path / name, seed=seed)
+        merge_cell(
+            RECIPES_DIR / "dare_ties.yaml",
+            base=models["base"],
+            models={"eng": models["eng"], "nob": models["nob"]},
+            parameters={"density": 0.5},
+            out=tmp_path / name,
+            seed=seed,
+        )
     a, b, c = (tmp_path / n / "model.safetensors" for n in "abc")
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != c.read_bytes()
 
 
-def test_mergekit_dropping_a_tensor_fails_verification_and_leaves_nothing(models, tmp_path,
-                                                                          monkeypatch):
+def test_mergekit_dropping_a_tensor_fails_verification_and_leaves_nothing(
+    models, tmp_path, monkeypatch
+):
     """mergekit can exit 0 with tensors missing; the verify step must catch it."""
     import mergekit.merge
     from safetensors.torch import save_file
@@ -108,6 +124,11 @@ def test_mergekit_dropping_a_tensor_fails_verification_and_leaves_nothing(models
 
 def test_missing_model_is_refused_before_mergekit(models, tmp_path):
     with pytest.raises(MergebakeError, match="checkpoint folder does not exist"):
-        merge_cell(RECIPES_DIR / "linear.yaml", base=models["base"],
-                   models={"eng": tmp_path / "nope"}, parameters={}, out=tmp_path / "o")
+        merge_cell(
+            RECIPES_DIR / "linear.yaml",
+            base=models["base"],
+            models={"eng": tmp_path / "nope"},
+            parameters={},
+            out=tmp_path / "o",
+        )
     assert not (tmp_path / "o").exists()

@@ -49,8 +49,13 @@ def test_mm_gives_text_layout_with_same_values(mm, tmp_path, dtype):
 
     tensors = read_all(out)
     assert set(tensors) == text_keys()
-    assert summary == {"renamed": len(text_keys()), "dropped": 34, "kept": len(text_keys()),
-                       "linked": False, "architecture": "Gemma3ForCausalLM"}
+    assert summary == {
+        "renamed": len(text_keys()),
+        "dropped": 34,
+        "kept": len(text_keys()),
+        "linked": False,
+        "architecture": "Gemma3ForCausalLM",
+    }
     source = load_model(mm[dtype])
     lm = {f"model.{k}": v for k, v in source.model.language_model.state_dict().items()}
     for name, t in tensors.items():
@@ -127,7 +132,8 @@ def test_old_model_language_model_layout_gives_same_output(mm, tmp_path):
     assert set(a) == set(b) == text_keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "new_text" / "config.json").read_text() == (
-        tmp_path / "old_text" / "config.json").read_text()
+        tmp_path / "old_text" / "config.json"
+    ).read_text()
 
 
 def test_untied_sharded_mm_keeps_head_shards_and_index(tmp_path):
@@ -159,8 +165,14 @@ def test_text_only_source_is_hard_linked(tmp_path):
     out = tmp_path / "text"
     summary = normalise(src, out)
     assert summary["linked"] is True and summary["renamed"] == summary["dropped"] == 0
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
-                 "chat_template.jinja", "generation_config.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ):
         assert os.stat(out / name).st_ino == os.stat(src / name).st_ino, name
     assert (out / "provenance.json").stat().st_nlink == 1  # written, not linked
 
@@ -182,8 +194,11 @@ def test_unknown_multimodal_architecture_is_refused(mm, tmp_path):
     cfg["architectures"] = ["LlavaForConditionalGeneration"]
     (src / "config.json").unlink()
     (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(MergebakeError, match=r"LlavaForConditionalGeneration.*not supported.*"
-                                             r"Gemma3ForConditionalGeneration"):
+    with pytest.raises(
+        MergebakeError,
+        match=r"LlavaForConditionalGeneration.*not supported.*"
+        r"Gemma3ForConditionalGeneration",
+    ):
         normalise(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

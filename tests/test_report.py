@@ -12,9 +12,13 @@ from mergebake import MergebakeError
 from mergebake.report import build_report
 
 
-def write_eval(path: Path, scores: dict[str, dict[str, float]], *,
-               higher_is_better: dict[str, dict[str, bool]] | None = None,
-               group_subtasks: dict[str, list[str]] | None = None) -> Path:
+def write_eval(
+    path: Path,
+    scores: dict[str, dict[str, float]],
+    *,
+    higher_is_better: dict[str, dict[str, bool]] | None = None,
+    group_subtasks: dict[str, list[str]] | None = None,
+) -> Path:
     """An eval JSON in lm-eval's structure: scores plus alias and stderr entries."""
     results = {}
     for task, metrics in scores.items():
@@ -44,13 +48,23 @@ def row(tmp: Path, base: str, kind: str, name: str, scores=None, **kw) -> dict:
     path = tmp / "eval" / base / f"{name}.json"
     if scores is not None:
         write_eval(path, scores, **kw)
-    return {"base": base, "size": size, "variant": variant, "kind": kind, "name": name,
-            "group": group, "method": method, "eval": path}
+    return {
+        "base": base,
+        "size": size,
+        "variant": variant,
+        "kind": kind,
+        "name": name,
+        "group": group,
+        "method": method,
+        "eval": path,
+    }
 
 
 def s(eng: float, nob: float) -> dict:
-    return {"demo_eng": {"acc,none": eng, "acc_norm,none": 0.5},
-            "demo_nob": {"acc,none": nob, "acc_norm,none": 0.5}}
+    return {
+        "demo_eng": {"acc,none": eng, "acc_norm,none": 0.5},
+        "demo_nob": {"acc,none": nob, "acc_norm,none": 0.5},
+    }
 
 
 @pytest.fixture
@@ -87,17 +101,30 @@ def test_csv_columns_and_deltas_vs_base(grid, tmp_path):
     result = build_report(grid, out)
     header = (out / "merge_eval_pivot.csv").read_text(encoding="utf-8").splitlines()[0]
     assert header.split(",") == [
-        "size", "variant", "kind", "name", "demo_eng/acc", "demo_nob/acc",
-        "Δ demo_eng/acc", "Δ demo_nob/acc", "mean Δ",
+        "size",
+        "variant",
+        "kind",
+        "name",
+        "demo_eng/acc",
+        "demo_nob/acc",
+        "Δ demo_eng/acc",
+        "Δ demo_nob/acc",
+        "mean Δ",
     ]
     assert result["metrics"] == ["demo_eng/acc", "demo_nob/acc"]
     recs = read_csv(out / "merge_eval_pivot.csv")
     # Rows: size naturally ordered, then variant, then base < adapter < merge, then name.
     assert [(r["size"], r["variant"], r["name"]) for r in recs] == [
-        ("1b", "open", "_base"), ("1b", "open", "eng-nob__linear"), ("1b", "open", "eng-nob__ties"),
-        ("1b", "std", "_base"), ("1b", "std", "eng"), ("1b", "std", "nob"),
-        ("1b", "std", "eng-nob__linear"), ("1b", "std", "eng-nob__ties"),
-        ("4b", "std", "_base"), ("4b", "std", "eng-nob__ties"),
+        ("1b", "open", "_base"),
+        ("1b", "open", "eng-nob__linear"),
+        ("1b", "open", "eng-nob__ties"),
+        ("1b", "std", "_base"),
+        ("1b", "std", "eng"),
+        ("1b", "std", "nob"),
+        ("1b", "std", "eng-nob__linear"),
+        ("1b", "std", "eng-nob__ties"),
+        ("4b", "std", "_base"),
+        ("4b", "std", "eng-nob__ties"),
     ]
     lin = by_name(recs, "1b-std", "eng-nob__linear")
     assert float(lin["demo_eng/acc"]) == 0.70
@@ -126,8 +153,16 @@ def test_ranking_order_and_values(grid, tmp_path):
     assert [e["cells"] for e in r1b] == [2, 2]
     assert r1b[0]["variants"] == ["open", "std"]
     # 4b: the only ties cell has no evaluated baseline.
-    assert result["ranking"]["4b"] == [{"method": "ties", "mean_delta": None, "rank": None,
-                                        "cells": 0, "pending": 1, "variants": []}]
+    assert result["ranking"]["4b"] == [
+        {
+            "method": "ties",
+            "mean_delta": None,
+            "rank": None,
+            "cells": 0,
+            "pending": 1,
+            "variants": [],
+        }
+    ]
 
 
 def test_pending_baseline_rows(grid, tmp_path):
@@ -181,10 +216,22 @@ def test_adapter_baseline(grid, tmp_path):
 def test_chosen_metrics_and_lower_is_better(tmp_path):
     hib = {"t": {"acc": True, "ppl": False}}
     rows = [
-        row(tmp_path, "1b-std", "base", "_base", {"t": {"acc,none": 0.5, "ppl,none": 10.0}},
-            higher_is_better=hib),
-        row(tmp_path, "1b-std", "merge", "g__ties", {"t": {"acc,none": 0.6, "ppl,none": 8.0}},
-            higher_is_better=hib),
+        row(
+            tmp_path,
+            "1b-std",
+            "base",
+            "_base",
+            {"t": {"acc,none": 0.5, "ppl,none": 10.0}},
+            higher_is_better=hib,
+        ),
+        row(
+            tmp_path,
+            "1b-std",
+            "merge",
+            "g__ties",
+            {"t": {"acc,none": 0.6, "ppl,none": 8.0}},
+            higher_is_better=hib,
+        ),
     ]
     out = tmp_path / "report"
     result = build_report(rows, out, metrics=["t/acc", "t/ppl,none"])
@@ -198,8 +245,12 @@ def test_chosen_metrics_and_lower_is_better(tmp_path):
 
 
 def test_default_metric_without_acc_and_group_subtasks(tmp_path):
-    scores = {"grp": {"f1,none": 0.3}, "grp_a": {"f1,none": 0.2}, "grp_b": {"f1,none": 0.4},
-              "solo": {"exact_match,strict-match": 0.1, "exact_match,flexible": 0.2}}
+    scores = {
+        "grp": {"f1,none": 0.3},
+        "grp_a": {"f1,none": 0.2},
+        "grp_b": {"f1,none": 0.4},
+        "solo": {"exact_match,strict-match": 0.1, "exact_match,flexible": 0.2},
+    }
     sub = {"grp": ["grp_a", "grp_b"], "solo": []}
     rows = [row(tmp_path, "1b-std", "base", "_base", scores, group_subtasks=sub)]
     result = build_report(rows, tmp_path / "report")
@@ -211,13 +262,22 @@ def test_deterministic_outputs(grid, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     build_report(grid, a)
     build_report(list(reversed(grid)), b)
-    for name in ("merge_eval_pivot.csv", "merge_eval_report.md", "merge_eval_scores.png",
-                 "method_ranking.png"):
+    for name in (
+        "merge_eval_pivot.csv",
+        "merge_eval_report.md",
+        "merge_eval_scores.png",
+        "method_ranking.png",
+    ):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert (a / "merge_eval_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in a.iterdir()) == sorted(
-        ["merge_eval_pivot.csv", "merge_eval_report.md", "merge_eval_scores.png",
-         "method_ranking.png"])
+        [
+            "merge_eval_pivot.csv",
+            "merge_eval_report.md",
+            "merge_eval_scores.png",
+            "method_ranking.png",
+        ]
+    )
 
 
 def test_markdown_signs_and_sections(grid, tmp_path):

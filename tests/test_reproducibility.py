@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _models import make_gemma3_mm, make_gemma3_text, make_lora
+
 from mergebake.bake import bake
 from mergebake.config import RECIPES_DIR
 from mergebake.merge import merge_cell
@@ -26,17 +26,24 @@ def weights(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("repro")
-    return {n: make_gemma3_text(d / n, dtype=torch.bfloat16, seed=s)
-            for n, s in (("base", 0), ("eng", 1), ("nob", 2))}
+    return {
+        n: make_gemma3_text(d / n, dtype=torch.bfloat16, seed=s)
+        for n, s in (("base", 0), ("eng", 1), ("nob", 2))
+    }
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_method_rebuilds_byte_identical(models, tmp_path, recipe):
     runs = []
     for name in ("a", "b"):
-        merge_cell(RECIPES_DIR / f"{recipe}.yaml", base=models["base"],
-                   models={"eng": models["eng"], "nob": models["nob"]}, parameters={},
-                   out=tmp_path / name, seed=1234)
+        merge_cell(
+            RECIPES_DIR / f"{recipe}.yaml",
+            base=models["base"],
+            models={"eng": models["eng"], "nob": models["nob"]},
+            parameters={},
+            out=tmp_path / name,
+            seed=1234,
+        )
         runs.append(weights(tmp_path / name))
     assert runs[0] == runs[1]
 

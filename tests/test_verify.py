@@ -104,16 +104,22 @@ def test_bool_becomes_int_in_config(reference, tmp_path):
         cfg["use_cache"] = 1
 
     bad = candidate(reference, tmp_path / "bad", config_edit=to_int)
-    strict = ("StrictDataclassFieldValidationError: Validation error for field 'use_cache': "
-              "TypeError: Field 'use_cache' expected bool, got int (value: 1)")
+    strict = (
+        "StrictDataclassFieldValidationError: Validation error for field 'use_cache': "
+        "TypeError: Field 'use_cache' expected bool, got int (value: 1)"
+    )
     # transformers 5 refuses the config outright: the JSON type is not cosmetic
     assert find_problems(bad, reference) == [
         "config.json use_cache: 1 (int), reference true (bool)",
         f"load: AutoModelForCausalLM.from_pretrained failed: {strict}",
         f"tokenizer: AutoTokenizer.from_pretrained failed: {strict}",
     ]
-    assert find_problems(bad, reference, allowed_config_keys=["use_cache"], load=False,
-                         check_tokenizer=False) == []
+    assert (
+        find_problems(
+            bad, reference, allowed_config_keys=["use_cache"], load=False, check_tokenizer=False
+        )
+        == []
+    )
 
 
 def test_nan_injected(reference, tmp_path):
@@ -168,8 +174,7 @@ def test_every_defect_in_one_error_and_removal(reference, tmp_path):
     assert bad.exists()  # the caller decides; the default keeps it
 
     with pytest.raises(VerificationError):
-        verify_checkpoint(bad, reference, load=False, check_tokenizer=False,
-                          remove_on_failure=True)
+        verify_checkpoint(bad, reference, load=False, check_tokenizer=False, remove_on_failure=True)
     assert not bad.exists()
 
 
@@ -184,10 +189,12 @@ def test_diff_json_is_type_strict():
     assert diff_json({"a": 0}, {"a": False}) == ["config.json a: 0 (int), reference false (bool)"]
     assert diff_json({"a": None}, {"a": 0}) == ["config.json a: null (null), reference 0 (int)"]
     assert diff_json({"a": [1, 2]}, {"a": [1]}) == [
-        "config.json a: [1, 2] (array), reference [1] (array)"]
+        "config.json a: [1, 2] (array), reference [1] (array)"
+    ]
     assert diff_json({"t": {"dtype": "bfloat16"}}, {"t": {"dtype": "float32"}}, ["t.dtype"]) == []
     assert diff_json({"t": {"x": 1}, "b": 2}, {"t": {"x": 2}}, ["t"]) == [
-        "config.json b: unexpected 2 (int)"]
+        "config.json b: unexpected 2 (int)"
+    ]
     assert diff_json({"t": {"transformers_version": "1"}}, {"t": {}}) == []
 
 
@@ -203,15 +210,22 @@ def test_mergekit_merge_of_normalised_checkpoints_verifies(tmp_path):
     bake(base, adapter, tmp_path / "baked")
     normalise(base, tmp_path / "text_base")
     normalise(tmp_path / "baked", tmp_path / "text_baked")
-    recipe = MergeConfiguration.model_validate({
-        "merge_method": "ties",
-        "base_model": str(tmp_path / "text_base"),
-        "models": [{"model": str(tmp_path / "text_baked"),
-                    "parameters": {"weight": 1.0, "density": 0.5}}],
-        "dtype": "bfloat16",
-    })
+    recipe = MergeConfiguration.model_validate(
+        {
+            "merge_method": "ties",
+            "base_model": str(tmp_path / "text_base"),
+            "models": [
+                {
+                    "model": str(tmp_path / "text_baked"),
+                    "parameters": {"weight": 1.0, "density": 0.5},
+                }
+            ],
+            "dtype": "bfloat16",
+        }
+    )
     merged = tmp_path / "merged"
-    run_merge(recipe, str(merged), options=MergeOptions(write_model_card=False, quiet=True,
-                                                        random_seed=0))
+    run_merge(
+        recipe, str(merged), options=MergeOptions(write_model_card=False, quiet=True, random_seed=0)
+    )
     verify_after_merge(merged, tmp_path / "text_base")
     assert merged.exists()

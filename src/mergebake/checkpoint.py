@@ -21,8 +21,20 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Bytes per element of the safetensors dtypes we meet in LLM checkpoints.
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
-               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -128,8 +140,9 @@ def tensor_index(folder: str | os.PathLike, *, allow_pickle: bool = False) -> di
         tensors, _ = read_header(f)
         for name, info in tensors.items():
             if name in out:
-                raise MergebakeError(f"{folder}: tensor {name!r} is in both {out[name].file.name} "
-                                     f"and {f.name}")
+                raise MergebakeError(
+                    f"{folder}: tensor {name!r} is in both {out[name].file.name} and {f.name}"
+                )
             out[name] = info
     index = folder / INDEX_NAME
     if index.is_file():

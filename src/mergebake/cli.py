@@ -84,9 +84,17 @@ def cmd_bake(a: argparse.Namespace) -> None:
     from .bake import bake
 
     _threads(a.threads)
-    summary = bake(a.base, a.adapter, a.out, engine=a.engine, allow_pickle=a.allow_pickle,
-                   trust_remote_code=a.trust_remote_code, expected_base=a.expected_base,
-                   strict_base_match=a.strict_base_match)
+    summary = bake(
+        a.base,
+        a.adapter,
+        a.out,
+        engine=a.engine,
+        device=a.device,
+        allow_pickle=a.allow_pickle,
+        trust_remote_code=a.trust_remote_code,
+        expected_base=a.expected_base,
+        strict_base_match=a.strict_base_match,
+    )
     print(json.dumps(summary, indent=2, default=str))
 
 
@@ -100,10 +108,19 @@ def cmd_merge(a: argparse.Namespace) -> None:
     from .merge import merge_cell
 
     _threads(a.threads)
-    res = merge_cell(a.recipe, base=a.base, models=_kv(a.model, "--model"),
-                     parameters=_json(a.parameters, "--parameters"), out=a.out, dtype=a.dtype,
-                     seed=a.seed, out_shard_size=a.out_shard_size, allow_pickle=a.allow_pickle,
-                     trust_remote_code=a.trust_remote_code)
+    res = merge_cell(
+        a.recipe,
+        base=a.base,
+        models=_kv(a.model, "--model"),
+        parameters=_json(a.parameters, "--parameters"),
+        out=a.out,
+        dtype=a.dtype,
+        seed=a.seed,
+        out_shard_size=a.out_shard_size,
+        allow_pickle=a.allow_pickle,
+        trust_remote_code=a.trust_remote_code,
+        device=a.device,
+    )
     print(json.dumps(res, indent=2, default=str))
 
 
@@ -115,12 +132,23 @@ def cmd_verify(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
+    from .device import resolve_device
     from .evaluate import evaluate
 
     _threads(a.threads)
-    evaluate(a.model, a.out, tasks=_json(a.tasks, "--tasks"), include_path=a.include_path,
-             seed=a.seed, batch_size=a.batch_size, limit=a.limit, dtype=a.dtype,
-             device=a.device, trust_remote_code=a.trust_remote_code)
+    device = resolve_device(a.device)  # auto: CUDA if usable, else CPU with a warning
+    evaluate(
+        a.model,
+        a.out,
+        tasks=_json(a.tasks, "--tasks"),
+        include_path=a.include_path,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        limit=a.limit,
+        dtype=a.dtype,
+        device=device,
+        trust_remote_code=a.trust_remote_code,
+    )
 
 
 def cmd_report(a: argparse.Namespace) -> None:
@@ -142,6 +170,12 @@ def cmd_hub_readme(a: argparse.Namespace) -> None:
     from .upload import cli_hub_readme
 
     cli_hub_readme(a)
+
+
+DEVICE_HELP = (
+    "auto (CUDA when usable, else CPU with a warning), cpu, or cuda[:N] "
+    "(an error when CUDA cannot be used)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--base", type=Path, required=True)
     sp.add_argument("--adapter", type=Path, required=True)
     sp.add_argument("--out", type=Path, required=True)
-    sp.add_argument("--engine", default="peft")
+    sp.add_argument(
+        "--engine",
+        default="stream",
+        choices=["stream", "peft"],
+        help="stream (default): constant memory; peft: merge_and_unload",
+    )
+    sp.add_argument(
+        "--device",
+        default="cpu",
+        help="device of the stream engine's matmuls: cpu (default), auto, cuda[:N]",
+    )
     sp.add_argument("--expected-base", help="the configured base (repo id or path)")
     sp.add_argument("--strict-base-match", action="store_true")
     sp.add_argument("--allow-pickle", action="store_true")
@@ -203,8 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("merge", cmd_merge, "merge one cell with mergekit and verify it")
     sp.add_argument("--recipe", type=Path, required=True, help="recipes/<method>.yaml")
     sp.add_argument("--base", type=Path, required=True, help="normalised base folder")
-    sp.add_argument("--model", action="append", metavar="ADAPTER=PATH", required=True,
-                    help="normalised baked checkpoint per adapter, in group order")
+    sp.add_argument(
+        "--model",
+        action="append",
+        metavar="ADAPTER=PATH",
+        required=True,
+        help="normalised baked checkpoint per adapter, in group order",
+    )
     sp.add_argument("--parameters", default="{}", help="method parameters as JSON")
     sp.add_argument("--out", type=Path, required=True)
     sp.add_argument("--dtype")
@@ -212,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out-shard-size", default="5B")
     sp.add_argument("--allow-pickle", action="store_true")
     sp.add_argument("--trust-remote-code", action="store_true")
+    sp.add_argument("--device", default="auto", help=DEVICE_HELP)
     sp.add_argument("--threads", type=int)
 
     sp = add("verify", cmd_verify, "verify a checkpoint against a reference checkpoint")
@@ -228,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", default=1)
     sp.add_argument("--limit", type=int)
     sp.add_argument("--dtype", default="auto")
-    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--device", default="auto", help=DEVICE_HELP)
     sp.add_argument("--trust-remote-code", action="store_true")
     sp.add_argument("--threads", type=int)
 
@@ -238,8 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--baseline", default="base")
     sp.add_argument("--metric", action="append")
 
-    sp = add("upload", cmd_upload, "upload a cell with its model card to the Hub (or write a "
-             "dry-run receipt)")
+    sp = add(
+        "upload",
+        cmd_upload,
+        "upload a cell with its model card to the Hub (or write a dry-run receipt)",
+    )
     upload_cli.add_upload_arguments(sp)
 
     sp = add("hub-readme", cmd_hub_readme, "publish the results repo's README (grid table)")
@@ -250,8 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mergebake`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         args.func(args)
     except MergebakeError as e:

@@ -122,8 +122,12 @@ def validate_schema(config: dict, source: str = "config", schema: Path | None = 
     return config
 
 
-def load_config(config: Mapping[str, Any] | str | Path, *, workflow_dir: Path | None = None,
-                source: str | None = None) -> dict:
+def load_config(
+    config: Mapping[str, Any] | str | Path,
+    *,
+    workflow_dir: Path | None = None,
+    source: str | None = None,
+) -> dict:
     """Validate a config (mapping or YAML path) and return it with defaults filled.
 
     ``workflow_dir`` holds ``schemas/config.schema.yaml`` and ``recipes/`` (default: the
@@ -156,8 +160,10 @@ def load_config(config: Mapping[str, Any] | str | Path, *, workflow_dir: Path | 
 
 def _no_double_underscore(name: str, key: str, source: str) -> None:
     if "__" in name:
-        raise ConfigError(f"{source}: key {key!r}: name {name!r} contains '__', which separates "
-                          "group and method in cell names; use another name")
+        raise ConfigError(
+            f"{source}: key {key!r}: name {name!r} contains '__', which separates "
+            "group and method in cell names; use another name"
+        )
 
 
 def expand_grid(config: Mapping[str, Any]) -> list[Cell]:
@@ -186,8 +192,10 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
             for name in block[kind]:
                 if name not in config[kind]:
                     known = ", ".join(sorted(config[kind]))
-                    raise ConfigError(f"{source}: key 'grid[{i}].{kind}': unknown {kind[:-1]} "
-                                      f"{name!r}; define it under '{kind}' (known: {known})")
+                    raise ConfigError(
+                        f"{source}: key 'grid[{i}].{kind}': unknown {kind[:-1]} "
+                        f"{name!r}; define it under '{kind}' (known: {known})"
+                    )
         for size in block["sizes"]:
             for variant in block["variants"]:
                 base = f"{size}-{variant}"
@@ -195,24 +203,29 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
                     raise ConfigError(
                         f"{source}: key 'grid[{i}]': base {base!r} (size {size!r} × variant "
                         f"{variant!r}) is not in 'bases'; add bases.{base} or drop it from "
-                        "the block")
+                        "the block"
+                    )
                 for group in block["groups"]:
                     for ad in config["groups"][group]:
                         if ad not in config.get("adapters", {}).get(base, {}):
                             raise ConfigError(
                                 f"{source}: key 'groups.{group}': adapter {ad!r} is not "
-                                f"configured for base {base!r}; add adapters.{base}.{ad}")
+                                f"configured for base {base!r}; add adapters.{base}.{ad}"
+                            )
                     for method in block["methods"]:
                         cell = Cell(size, variant, group, method)
                         if cell in seen:
                             raise ConfigError(
                                 f"{source}: key 'grid[{i}]': cell {cell.path_in_repo} is "
-                                f"already in grid[{seen[cell]}]; each cell may appear once")
+                                f"already in grid[{seen[cell]}]; each cell may appear once"
+                            )
                         seen[cell] = i
     for base in config.get("adapters", {}):
         if base not in config["bases"]:
-            raise ConfigError(f"{source}: key 'adapters.{base}': no base {base!r} in 'bases'; "
-                              "add it there or remove these adapters")
+            raise ConfigError(
+                f"{source}: key 'adapters.{base}': no base {base!r} in 'bases'; "
+                "add it there or remove these adapters"
+            )
     groups_of: dict[str, set[str]] = {}
     for cell in seen:
         groups_of.setdefault(cell.method, set()).add(cell.group)
@@ -220,31 +233,41 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
         _check_parameters(mname, method, groups_of.get(mname, set()), config, source)
         recipe = recipe_path(method, mname, recipes_dir)
         if not recipe.is_file():
-            raise ConfigError(f"{source}: key 'methods.{mname}.recipe': no recipe file {recipe}; "
-                              f"available: {sorted(p.stem for p in recipes_dir.glob('*.yaml'))}")
+            raise ConfigError(
+                f"{source}: key 'methods.{mname}.recipe': no recipe file {recipe}; "
+                f"available: {sorted(p.stem for p in recipes_dir.glob('*.yaml'))}"
+            )
         for group in sorted(groups_of.get(mname, ())):
             adapters = config["groups"][group]
             try:
-                render_recipe(recipe, base_model="/base",
-                              models={a: f"/{a}" for a in adapters},
-                              parameters=method.get("parameters", {}), dtype="bfloat16")
+                render_recipe(
+                    recipe,
+                    base_model="/base",
+                    models={a: f"/{a}" for a in adapters},
+                    parameters=method.get("parameters", {}),
+                    dtype="bfloat16",
+                )
             except ConfigError as e:
-                raise ConfigError(f"{source}: key 'methods.{mname}' with group {group!r}: {e}") \
-                    from None
+                raise ConfigError(
+                    f"{source}: key 'methods.{mname}' with group {group!r}: {e}"
+                ) from None
     baseline = config["report"]["baseline"]
     if baseline != "base":
         every = {a for ads in config.get("adapters", {}).values() for a in ads}
         if baseline not in every:
-            raise ConfigError(f"{source}: key 'report.baseline': {baseline!r} is neither 'base' "
-                              f"nor an adapter name ({sorted(every)})")
+            raise ConfigError(
+                f"{source}: key 'report.baseline': {baseline!r} is neither 'base' "
+                f"nor an adapter name ({sorted(every)})"
+            )
     names = [t["name"] for t in config["eval"]["tasks"]]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ConfigError(f"{source}: key 'eval.tasks': task(s) {sorted(dup)} listed twice")
 
 
-def _check_parameters(mname: str, method: dict, groups: set[str], config: dict,
-                      source: str) -> None:
+def _check_parameters(
+    mname: str, method: dict, groups: set[str], config: dict, source: str
+) -> None:
     allowed = {a for g in groups for a in config["groups"][g]}
     for pname, value in method.get("parameters", {}).items():
         key = f"methods.{mname}.parameters.{pname}"
@@ -254,7 +277,8 @@ def _check_parameters(mname: str, method: dict, groups: set[str], config: dict,
             if adapter is not None and groups and adapter not in allowed:
                 raise ConfigError(
                     f"{source}: key {k!r}: adapter {adapter!r} is not in the group(s) "
-                    f"{sorted(groups)} that use method {mname!r} (adapters: {sorted(allowed)})")
+                    f"{sorted(groups)} that use method {mname!r} (adapters: {sorted(allowed)})"
+                )
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{source}: key {k!r}: {v} is not a finite number")
             if pname in PARAM_RANGES and not isinstance(v, bool) and isinstance(v, (int, float)):
@@ -264,8 +288,9 @@ def _check_parameters(mname: str, method: dict, groups: set[str], config: dict,
                     raise ConfigError(f"{source}: key {k!r}: {v} is outside {interval}")
 
 
-def recipe_path(method: Mapping[str, Any], method_name: str, recipes_dir: Path | None = None
-                ) -> Path:
+def recipe_path(
+    method: Mapping[str, Any], method_name: str, recipes_dir: Path | None = None
+) -> Path:
     """``recipes/<recipe>.yaml`` for a method (recipe defaults to the method's name)."""
     return (recipes_dir or RECIPES_DIR) / f"{method.get('recipe', method_name)}.yaml"
 
@@ -303,8 +328,14 @@ def _substitute(obj: Any, values: Mapping[str, Any], recipe: Path) -> Any:
     return obj
 
 
-def render_recipe(template: Path, *, base_model: str, models: Mapping[str, str],
-                  parameters: Mapping[str, Any], dtype: str) -> dict[str, Any]:
+def render_recipe(
+    template: Path,
+    *,
+    base_model: str,
+    models: Mapping[str, str],
+    parameters: Mapping[str, Any],
+    dtype: str,
+) -> dict[str, Any]:
     """Render a mergekit recipe template for one cell.
 
     ``template`` is a mergekit YAML whose strings may hold ``${name}`` placeholders and an
@@ -345,16 +376,21 @@ def render_recipe(template: Path, *, base_model: str, models: Mapping[str, str],
             if ph in allowed:
                 continue
             if ph in per_adapter:
-                raise ConfigError(f"{template}: placeholder ${{{ph}}} in {where} is given per "
-                                  "adapter but is only allowed in the per-model entry")
+                raise ConfigError(
+                    f"{template}: placeholder ${{{ph}}} in {where} is given per "
+                    "adapter but is only allowed in the per-model entry"
+                )
             m = _INDEXED.match(ph)
             if m and int(m.group(2)) >= len(names):
-                raise ConfigError(f"{template}: placeholder ${{{ph}}} needs at least "
-                                  f"{int(m.group(2)) + 1} adapters; the group has {len(names)}")
+                raise ConfigError(
+                    f"{template}: placeholder ${{{ph}}} needs at least "
+                    f"{int(m.group(2)) + 1} adapters; the group has {len(names)}"
+                )
             raise ConfigError(
                 f"{template}: unknown placeholder ${{{ph}}} in {where}; give it under the "
                 "method's parameters or the recipe's defaults (built-ins: "
-                f"{', '.join(sorted(BUILTIN_PLACEHOLDERS))}, model_N, adapter_N)")
+                f"{', '.join(sorted(BUILTIN_PLACEHOLDERS))}, model_N, adapter_N)"
+            )
 
     out: dict[str, Any] = {}
     for key, val in doc.items():
@@ -368,11 +404,16 @@ def render_recipe(template: Path, *, base_model: str, models: Mapping[str, str],
                             if name in mapping:
                                 vals[p] = mapping[name]
                         allowed = set(vals)
-                        missing = [p for p in per_adapter if p in _placeholders(entry)
-                                   and name not in per_adapter[p]]
+                        missing = [
+                            p
+                            for p in per_adapter
+                            if p in _placeholders(entry) and name not in per_adapter[p]
+                        ]
                         if missing:
-                            raise ConfigError(f"{template}: parameter {missing[0]!r} is given per "
-                                              f"adapter but has no value for {name!r}")
+                            raise ConfigError(
+                                f"{template}: parameter {missing[0]!r} is given per "
+                                f"adapter but has no value for {name!r}"
+                            )
                         check(entry, allowed, "models")
                         entries.append(_substitute(entry, vals, template))
                 else:
@@ -385,10 +426,14 @@ def render_recipe(template: Path, *, base_model: str, models: Mapping[str, str],
     expanded = any("model" in _placeholders(e) for e in doc.get("models") or [])
     indexed = {int(m.group(2)) for ph in used if (m := _INDEXED.match(ph))}
     if not expanded and len(indexed) != len(names):
-        raise ConfigError(f"{template}: the recipe takes {len(indexed)} adapter(s) by position "
-                          f"but the group has {len(names)}; use a group of that size")
+        raise ConfigError(
+            f"{template}: the recipe takes {len(indexed)} adapter(s) by position "
+            f"but the group has {len(names)}; use a group of that size"
+        )
     unused = sorted(set(parameters) - used)
     if unused:
-        raise ConfigError(f"{template}: parameter(s) {unused} are not used by this recipe "
-                          "(misspelt?); remove them or add a ${...} placeholder for them")
+        raise ConfigError(
+            f"{template}: parameter(s) {unused} are not used by this recipe "
+            "(misspelt?); remove them or add a ${...} placeholder for them"
+        )
     return out

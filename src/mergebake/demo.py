@@ -34,14 +34,48 @@ from .outputs import atomic_dir, write_json, write_provenance
 # --------------------------------------------------------------------------- skills
 
 ENG_WORDS = (
-    "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
-    "eighteen", "nineteen", "twenty",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
 )
 NOB_WORDS = (
-    "en", "to", "tre", "fire", "fem", "seks", "sju", "åtte", "ni", "ti",
-    "elleve", "tolv", "tretten", "fjorten", "femten", "seksten", "sytten",
-    "atten", "nitten", "tjue",
+    "en",
+    "to",
+    "tre",
+    "fire",
+    "fem",
+    "seks",
+    "sju",
+    "åtte",
+    "ni",
+    "ti",
+    "elleve",
+    "tolv",
+    "tretten",
+    "fjorten",
+    "femten",
+    "seksten",
+    "sytten",
+    "atten",
+    "nitten",
+    "tjue",
 )
 #: Skill name → the counting sequence it teaches (each word's successor is the next one,
 #: the last wraps round to the first).
@@ -108,8 +142,9 @@ def skill_docs(skill: str) -> list[dict[str, Any]]:
         choices = rng.sample(pool, N_CHOICES - 1)
         answer = rng.randrange(N_CHOICES)
         choices.insert(answer, target)
-        docs.append({"id": i, "prompt": word, "choices": choices, "answer": answer,
-                     "target": target})
+        docs.append(
+            {"id": i, "prompt": word, "choices": choices, "answer": answer, "target": target}
+        )
     return docs
 
 
@@ -173,8 +208,10 @@ def _layer_types(num_layers: int) -> list[str]:
     """Gemma-3's local/global pattern (every 6th layer global), with the last layer global
     in models shorter than 6 layers, so every demo model has a full-attention layer."""
     period = min(6, num_layers)
-    return ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
-            for i in range(num_layers)]
+    return [
+        "full_attention" if (i + 1) % period == 0 else "sliding_attention"
+        for i in range(num_layers)
+    ]
 
 
 def base_config(arch: str, num_layers: int):
@@ -189,12 +226,17 @@ def base_config(arch: str, num_layers: int):
     from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
 
     if arch not in ARCHES:
-        raise MergebakeError(f"arch={arch!r}: unknown demo architecture; choose one of "
-                             f"{list(ARCHES)}")
-    if not isinstance(num_layers, int) or isinstance(num_layers, bool) \
-            or not 1 <= num_layers <= MAX_LAYERS:
-        raise MergebakeError(f"num_layers={num_layers!r}: must be an integer from 1 to "
-                             f"{MAX_LAYERS}")
+        raise MergebakeError(
+            f"arch={arch!r}: unknown demo architecture; choose one of {list(ARCHES)}"
+        )
+    if (
+        not isinstance(num_layers, int)
+        or isinstance(num_layers, bool)
+        or not 1 <= num_layers <= MAX_LAYERS
+    ):
+        raise MergebakeError(
+            f"num_layers={num_layers!r}: must be an integer from 1 to {MAX_LAYERS}"
+        )
     text = Gemma3TextConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
@@ -248,8 +290,7 @@ def _model_class(arch: str):
     return Gemma3ForCausalLM if arch == "text" else Gemma3ForConditionalGeneration
 
 
-def make_base(out: Path, *, arch: str, num_layers: int, seed: int,
-              dtype: str = "bfloat16") -> None:
+def make_base(out: Path, *, arch: str, num_layers: int, seed: int, dtype: str = "bfloat16") -> None:
     """Generate a randomly initialised tiny Gemma-3 base model into the folder ``out``.
 
     ``arch`` is ``"text"`` (``Gemma3ForCausalLM``, keys ``model.*``; like Gemma-3 1b) or
@@ -294,15 +335,18 @@ def _base_arch(base: Path) -> str:
     try:
         cfg = json.loads(cfg_path.read_text())
     except FileNotFoundError:
-        raise MergebakeError(f"base={base}: no config.json; build it with make_base "
-                             "(mergebake demo-base) first") from None
+        raise MergebakeError(
+            f"base={base}: no config.json; build it with make_base (mergebake demo-base) first"
+        ) from None
     model_type = cfg.get("model_type")
     if model_type == "gemma3_text":
         return "text"
     if model_type == "gemma3":
         return "multimodal"
-    raise MergebakeError(f"{cfg_path}: model_type {model_type!r} is not a demo Gemma-3 base "
-                         "(expected 'gemma3_text' or 'gemma3')")
+    raise MergebakeError(
+        f"{cfg_path}: model_type {model_type!r} is not a demo Gemma-3 base "
+        "(expected 'gemma3_text' or 'gemma3')"
+    )
 
 
 # --------------------------------------------------------------------------- scoring
@@ -321,8 +365,10 @@ def _skill_tensors(skill: str, tokenizer) -> tuple[Any, Any, Any, Any]:
         for c in d["choices"]:
             ids = tokenizer(" " + c, add_special_tokens=False).input_ids
             if len(ids) != 1 or ids[0] == UNK_ID:
-                raise MergebakeError(f"choice {c!r} of skill {skill!r} is not one known token "
-                                     f"({ids}); the tokenizer does not match this module")
+                raise MergebakeError(
+                    f"choice {c!r} of skill {skill!r} is not one known token "
+                    f"({ids}); the tokenizer does not match this module"
+                )
             row.append(ids[0])
         choices.append(row)
     if len({len(c) for c in contexts}) != 1:
@@ -378,8 +424,17 @@ def load_base(base: Path, *, dtype: str = "float32"):
 # --------------------------------------------------------------------------- adapters
 
 
-def train_adapter(base: Path, out: Path, *, skill: str, seed: int, steps: int = DEFAULT_STEPS,
-                  rank: int = 8, alpha: int = 16, lr: float = DEFAULT_LR) -> dict[str, Any]:
+def train_adapter(
+    base: Path,
+    out: Path,
+    *,
+    skill: str,
+    seed: int,
+    steps: int = DEFAULT_STEPS,
+    rank: int = 8,
+    alpha: int = 16,
+    lr: float = DEFAULT_LR,
+) -> dict[str, Any]:
     """Train a LoRA adapter on ``skill`` over the demo base in ``base``; save it to ``out``.
 
     The base is loaded in float32 with its own class; PEFT ``LoraConfig(r=rank,
@@ -413,8 +468,12 @@ def train_adapter(base: Path, out: Path, *, skill: str, seed: int, steps: int = 
     from peft import LoraConfig, get_peft_model
 
     _skill_words(skill)
-    for name, value, lo in (("steps", steps, 1), ("rank", rank, 1), ("alpha", alpha, 1),
-                            ("seed", seed, 0)):
+    for name, value, lo in (
+        ("steps", steps, 1),
+        ("rank", rank, 1),
+        ("alpha", alpha, 1),
+        ("seed", seed, 0),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < lo:
             raise MergebakeError(f"{name}={value!r}: must be an integer >= {lo}")
     if not lr > 0:
@@ -427,8 +486,14 @@ def train_adapter(base: Path, out: Path, *, skill: str, seed: int, steps: int = 
     target_modules: str | list[str] = (
         list(TEXT_TARGET_MODULES) if arch == "text" else MULTIMODAL_TARGET_REGEX
     )
-    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                      target_modules=target_modules, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
+    )
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -452,8 +517,11 @@ def train_adapter(base: Path, out: Path, *, skill: str, seed: int, steps: int = 
         seconds = time.perf_counter() - t0
         peft_model.eval()
         with torch.no_grad():
-            final_loss = float(torch.nn.functional.cross_entropy(
-                peft_model(input_ids=ctx).logits[:, -1, :].float(), targets))
+            final_loss = float(
+                torch.nn.functional.cross_entropy(
+                    peft_model(input_ids=ctx).logits[:, -1, :].float(), targets
+                )
+            )
         after = {s: skill_accuracy(peft_model, tokenizer, s) for s in SKILLS}
     finally:
         torch.set_num_threads(threads)
@@ -508,8 +576,9 @@ def _quiet_peft() -> Iterator[None]:
     """Silence the FutureWarning PEFT 0.21 triggers by calling transformers 5's deprecated
     ``is_gradient_checkpointing``; nothing the user can act on."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
-                                category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+        )
         yield
 
 
@@ -529,30 +598,32 @@ GROUP = "demo"
 def _task_yaml(skill: str, data_file: Path) -> str:
     # JSON is valid YAML; json.dumps quotes paths and Jinja templates safely.
     q = json.dumps
-    return "\n".join([
-        f"task: {task_name(skill)}",
-        "dataset_path: json",
-        "dataset_kwargs:",
-        "  data_files:",
-        f"    test: {q(str(data_file))}",
-        "test_split: test",
-        "output_type: multiple_choice",
-        f"doc_to_text: {q('{{prompt}}')}",
-        "doc_to_choice: choices",
-        "doc_to_target: answer",
-        'target_delimiter: " "',
-        "num_fewshot: 0",
-        "metric_list:",
-        "  - metric: acc",
-        "    aggregation: mean",
-        "    higher_is_better: true",
-        "  - metric: acc_norm",
-        "    aggregation: mean",
-        "    higher_is_better: true",
-        "metadata:",
-        "  version: 1.0",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"task: {task_name(skill)}",
+            "dataset_path: json",
+            "dataset_kwargs:",
+            "  data_files:",
+            f"    test: {q(str(data_file))}",
+            "test_split: test",
+            "output_type: multiple_choice",
+            f"doc_to_text: {q('{{prompt}}')}",
+            "doc_to_choice: choices",
+            "doc_to_target: answer",
+            'target_delimiter: " "',
+            "num_fewshot: 0",
+            "metric_list:",
+            "  - metric: acc",
+            "    aggregation: mean",
+            "    higher_is_better: true",
+            "  - metric: acc_norm",
+            "    aggregation: mean",
+            "    higher_is_better: true",
+            "metadata:",
+            "  version: 1.0",
+            "",
+        ]
+    )
 
 
 def _group_yaml() -> str:
@@ -593,14 +664,22 @@ def write_tasks(out: Path) -> None:
                 for d in docs:
                     fh.write(json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n")
             (tmp / f"{task_name(skill)}.yaml").write_text(
-                _task_yaml(skill, out / jsonl), encoding="utf-8")
+                _task_yaml(skill, out / jsonl), encoding="utf-8"
+            )
             summary["tasks"][task_name(skill)] = {
-                "skill": skill, "data_file": str(out / jsonl), "docs": len(docs)}
+                "skill": skill,
+                "data_file": str(out / jsonl),
+                "docs": len(docs),
+            }
         (tmp / f"{GROUP}.yaml").write_text(_group_yaml(), encoding="utf-8")
         write_json(tmp / "tasks.json", summary)
-        write_provenance(tmp, step="demo-tasks", inputs={},
-                         params={"skills": list(SKILLS)},
-                         source={"generator": "mergebake.demo.write_tasks"})
+        write_provenance(
+            tmp,
+            step="demo-tasks",
+            inputs={},
+            params={"skills": list(SKILLS)},
+            source={"generator": "mergebake.demo.write_tasks"},
+        )
 
 
 # --------------------------------------------------------------------------- CLI layer
@@ -614,22 +693,48 @@ def _set_threads(threads: int | None) -> None:
     _torch().set_num_threads(threads)
 
 
-def cli_base(out: str | Path, *, arch: str, layers: int, seed: int, dtype: str = "bfloat16",
-             threads: int | None = None) -> int:
+def cli_base(
+    out: str | Path,
+    *,
+    arch: str,
+    layers: int,
+    seed: int,
+    dtype: str = "bfloat16",
+    threads: int | None = None,
+) -> int:
     """``mergebake demo-base``: :func:`make_base` (``layers`` → ``num_layers``), then print a
     one-line JSON summary to stdout. ``threads`` caps torch's CPU threads. Returns 0."""
     _set_threads(threads)
     t0 = time.perf_counter()
     make_base(Path(out), arch=arch, num_layers=layers, seed=seed, dtype=dtype)
-    print(json.dumps({"out": str(out), "arch": arch, "layers": layers, "seed": seed,
-                      "dtype": dtype, "seconds": round(time.perf_counter() - t0, 3)}))
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "arch": arch,
+                "layers": layers,
+                "seed": seed,
+                "dtype": dtype,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
+    )
     return 0
 
 
-def cli_adapter(base: str | Path, out: str | Path, *, skill: str, seed: int,
-                steps: int = DEFAULT_STEPS, rank: int = 8, alpha: int = 16,
-                lr: float = DEFAULT_LR, min_accuracy: float | None = 0.9,
-                threads: int | None = None) -> int:
+def cli_adapter(
+    base: str | Path,
+    out: str | Path,
+    *,
+    skill: str,
+    seed: int,
+    steps: int = DEFAULT_STEPS,
+    rank: int = 8,
+    alpha: int = 16,
+    lr: float = DEFAULT_LR,
+    min_accuracy: float | None = 0.9,
+    threads: int | None = None,
+) -> int:
     """``mergebake demo-adapter``: :func:`train_adapter`, then print its metrics as JSON.
 
     ``threads`` caps torch's CPU threads for loading and scoring (training itself always
@@ -639,14 +744,16 @@ def cli_adapter(base: str | Path, out: str | Path, *, skill: str, seed: int,
     fails loudly. Returns 0.
     """
     _set_threads(threads)
-    metrics = train_adapter(Path(base), Path(out), skill=skill, seed=seed, steps=steps,
-                            rank=rank, alpha=alpha, lr=lr)
+    metrics = train_adapter(
+        Path(base), Path(out), skill=skill, seed=seed, steps=steps, rank=rank, alpha=alpha, lr=lr
+    )
     print(json.dumps(metrics, sort_keys=True))
     got = metrics["accuracy"][skill]["after_bake"]
     if min_accuracy is not None and got < min_accuracy:
         raise MergebakeError(
             f"{out}: adapter reaches only {got:.2f} accuracy on skill {skill!r} (< "
-            f"min_accuracy {min_accuracy}); raise steps or lr")
+            f"min_accuracy {min_accuracy}); raise steps or lr"
+        )
     return 0
 
 
@@ -654,14 +761,35 @@ def cli_tasks(out: str | Path) -> int:
     """``mergebake demo-tasks``: :func:`write_tasks`, then print the task names as JSON.
     Returns 0."""
     write_tasks(Path(out))
-    print(json.dumps({"out": str(Path(out).resolve()), "group": GROUP,
-                      "tasks": [task_name(s) for s in SKILLS]}))
+    print(
+        json.dumps(
+            {
+                "out": str(Path(out).resolve()),
+                "group": GROUP,
+                "tasks": [task_name(s) for s in SKILLS],
+            }
+        )
+    )
     return 0
 
 
 __all__: Sequence[str] = (
-    "SKILLS", "SKILL_WORDS", "VOCAB", "VOCAB_SIZE", "GROUP",
-    "skill_docs", "build_tokenizer", "make_tokenizer", "base_config", "make_base",
-    "load_base", "skill_accuracy", "train_adapter", "task_name", "write_tasks",
-    "cli_base", "cli_adapter", "cli_tasks",
+    "SKILLS",
+    "SKILL_WORDS",
+    "VOCAB",
+    "VOCAB_SIZE",
+    "GROUP",
+    "skill_docs",
+    "build_tokenizer",
+    "make_tokenizer",
+    "base_config",
+    "make_base",
+    "load_base",
+    "skill_accuracy",
+    "train_adapter",
+    "task_name",
+    "write_tasks",
+    "cli_base",
+    "cli_adapter",
+    "cli_tasks",
 )

@@ -58,7 +58,9 @@ def resolve_device(requested: str = "auto") -> str:
         index = int(requested.split(":", 1)[1]) if ":" in requested else 0
         problem = cuda_problem(index)
         if problem:
-            raise MergebakeError(f"device {requested!r} requested but CUDA is not usable "
-                                 f"({problem}); use device: auto or cpu")
+            raise MergebakeError(
+                f"device {requested!r} requested but CUDA is not usable "
+                f"({problem}); use device: auto or cpu"
+            )
         return requested
     raise MergebakeError(f"device {requested!r}: expected one of auto, cpu, cuda or cuda:N")

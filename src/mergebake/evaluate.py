@@ -78,8 +78,9 @@ def _task_manager(names: list[str], include_path: Path | None, metadata: dict[st
                 f"evaluate: task include path {include_path} is not a folder; "
                 "point eval include_path at the folder holding the task YAMLs"
             )
-        local = TaskManager(include_path=str(include_path), include_defaults=False,
-                            metadata=metadata)
+        local = TaskManager(
+            include_path=str(include_path), include_defaults=False, metadata=metadata
+        )
         if all(n in local.all_subtasks for n in names):
             return local
     paths = [str(_builtin_tasks_dir())] + ([str(include_path)] if include_path else [])
@@ -87,10 +88,13 @@ def _task_manager(names: list[str], include_path: Path | None, metadata: dict[st
     known = set(tm.all_tasks)
     unknown = [n for n in names if n not in known]
     if unknown:
-        where = (f"include path {include_path}" if include_path is not None
-                 else "no include path given")
-        msg = (f"evaluate: unknown lm-eval task(s) {unknown} (looked in lm-eval's built-in "
-               f"tasks and {where}); check the task name, or add a YAML with `task: <name>`")
+        where = (
+            f"include path {include_path}" if include_path is not None else "no include path given"
+        )
+        msg = (
+            f"evaluate: unknown lm-eval task(s) {unknown} (looked in lm-eval's built-in "
+            f"tasks and {where}); check the task name, or add a YAML with `task: <name>`"
+        )
         if include_path is not None:
             bad = _unparsable_yamls(include_path)
             if bad:

@@ -1,24 +1,38 @@
 """Fetch a base model or LoRA adapter from the Hugging Face Hub, pinned to a commit.
 
-Only the files a bake or merge needs are downloaded (safetensors weights and their index,
-configs, tokenizer and chat template, adapter files). A revision that is a branch or tag
-is resolved to its commit sha once, and that sha is what gets downloaded and recorded in
-``provenance.json``, so a later push to the branch cannot change a build silently.
-``HF_HUB_OFFLINE`` and the Hub cache are honoured by huggingface_hub itself; the token is
-the user's (``HF_TOKEN`` or a cached login) and is never written anywhere.
+A revision that is a branch or tag is resolved to its commit sha once (:func:`pin_revision`,
+the workflow's ``pin`` job, which logs it and writes ``resources/pins/<repo>@<rev>.json``);
+every fetch of that repo and revision then downloads that commit, so a push to the branch
+during (or after) a run cannot mix commits. A commit sha needs no resolving.
+
+Only the files a bake or merge needs are downloaded: the direct children of the repo (or of
+``subfolder``) matching :data:`ALLOW_PATTERNS` (safetensors weights and their index,
+configs, tokenizer and chat template, adapter files); nested folders are never pulled.
+Downloads go through the Hub cache (``HF_HUB_CACHE``/``HF_HOME``), and the files are
+hard-linked (or copied) from there into the output folder, so a second fetch of the same
+commit downloads nothing. ``HF_HUB_OFFLINE=1`` is honoured: revisions resolve through the
+cache's refs and files come from the cache, or the error says what is missing.
+
+Gated and private repos use the user's token (``HF_TOKEN`` or ``hf auth login``), which
+huggingface_hub reads itself; it is never passed around, logged or written anywhere.
+``provenance.json`` records ``source = {repo, subfolder, revision, commit}``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
-from .outputs import atomic_dir, write_provenance
+from .outputs import atomic_dir, link_or_copy, write_json, write_provenance
 
 log = logging.getLogger(__name__)
+
+# File names (direct children of the repo root or subfolder) a fetch downloads.
 ALLOW_PATTERNS = (
     "*.safetensors",
     "*.safetensors.index.json",
@@ -36,64 +50,286 @@ ALLOW_PATTERNS = (
     "adapter_config.json",
     "adapter_model.safetensors",
 )
+# Pickle adapter weights, fetched only where the config sets allow_pickle.
+PICKLE_PATTERNS = ("adapter_model.bin",)
+_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
-def resolve_revision(repo: str, revision: str, *, api: Any = None) -> str:
-    """Resolve ``revision`` (branch, tag or sha) of model repo ``repo`` to a commit sha.
+def is_commit_sha(revision: str) -> bool:
+    """True for a full 40-hex git commit sha (which needs no resolving)."""
+    return bool(_SHA.match(revision or ""))
 
-    Raises :class:`MergebakeError` when the repo or revision does not exist or is gated
-    without access, naming both and saying what to check.
+
+def pin_name(repo: str, revision: str) -> str:
+    """File-name-safe key of ``repo@revision``: ``org--name@rev`` (``/`` in rev as ``%2F``)."""
+    return f"{repo.replace('/', '--')}@{revision.replace('%', '%25').replace('/', '%2F')}"
+
+
+def _where(config_key: str | None) -> str:
+    return f"{config_key}: " if config_key else ""
+
+
+def _token_hint() -> str:
+    """How to authenticate, depending on whether a token is configured (never its value)."""
+    from huggingface_hub import get_token
+
+    if get_token() is None:
+        return "no Hub token is configured: log in with `hf auth login` or set HF_TOKEN"
+    return "the configured Hub token (HF_TOKEN or `hf auth login`) has no access to it"
+
+
+def explain_hub_error(
+    e: BaseException,
+    *,
+    repo: str,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    config_key: str | None = None,
+) -> str:
+    """One line saying what went wrong talking to the Hub and what to do about it.
+
+    Knows huggingface_hub's error classes (missing repo/revision/file, gated, offline,
+    unauthorised, unreachable). Never includes a token: only repo names, revisions and the
+    server's message.
     """
-    from huggingface_hub import HfApi
+    import httpx2
     from huggingface_hub.errors import (
         GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
+        RevisionResolutionError,
     )
+
+    where = _where(config_key)
+    at = f"{repo}@{revision}" if revision else repo
+    if isinstance(e, RevisionNotFoundError):
+        return (
+            f"{where}Hub repo {repo!r} has no revision {revision!r}; check the branch, "
+            "tag or commit sha in the config"
+        )
+    if isinstance(e, GatedRepoError):
+        return (
+            f"{where}Hub repo {repo!r} is gated: accept its terms on its Hub page, and "
+            f"check that {_token_hint()}"
+        )
+    if isinstance(e, RepositoryNotFoundError):
+        return f"{where}Hub repo {repo!r} not found, or private: check the name; {_token_hint()}"
+    if isinstance(e, RemoteEntryNotFoundError):
+        return (
+            f"{where}Hub repo {at}: {subfolder or 'a requested file'!r} not found; check "
+            "'subfolder' in the config"
+        )
+    if isinstance(e, OfflineModeIsEnabled | LocalEntryNotFoundError | RevisionResolutionError):
+        return (
+            f"{where}Hub repo {at} is not (completely) in the Hub cache and HF_HUB_OFFLINE "
+            "is set or the Hub cannot be reached: unset HF_HUB_OFFLINE and run again with "
+            f"network access, or download it first (`hf download {repo}"
+            f"{' --revision ' + revision if revision else ''}`) ({type(e).__name__})"
+        )
+    if isinstance(e, HfHubHTTPError) and e.response is not None:
+        status = e.response.status_code
+        if status == 401:
+            return f"{where}Hub repo {at}: unauthorised (401); {_token_hint()}"
+        if status == 403:
+            return (
+                f"{where}Hub repo {at}: forbidden (403); the token in use lacks the "
+                "permission (a write token is needed to upload)"
+            )
+        return f"{where}Hub repo {at}: HTTP {status} from the Hub: {e.server_message or e}"
+    if isinstance(e, httpx2.TransportError | ConnectionError | TimeoutError):
+        return (
+            f"{where}Hub repo {at}: the Hub cannot be reached ({type(e).__name__}: {e}); "
+            "check the network, or set HF_HUB_OFFLINE=1 to use the Hub cache only"
+        )
+    return f"{where}Hub repo {at}: {type(e).__name__}: {e}"
+
+
+def resolve_revision(
+    repo: str, revision: str, *, api: Any = None, config_key: str | None = None
+) -> str:
+    """Resolve ``revision`` (branch, tag or sha) of model repo ``repo`` to a commit sha.
+
+    A full sha is returned as is, without a network call. Otherwise the Hub is asked (or,
+    offline, the Hub cache's refs). Raises :class:`MergebakeError` for a missing repo or
+    revision, a gated repo without access, or an offline cache that lacks the revision.
+    """
+    if is_commit_sha(revision):
+        return revision
+    from huggingface_hub import HfApi
 
     api = api or HfApi()
     try:
-        info = api.model_info(repo, revision=revision)
-    except RevisionNotFoundError as e:
-        raise MergebakeError(f"Hub repo {repo!r} has no revision {revision!r}; check the "
-                             "branch, tag or commit sha in the config") from e
-    except GatedRepoError as e:
-        raise MergebakeError(f"Hub repo {repo!r} is gated: accept its terms on the Hub and "
-                             "log in (`hf auth login` or HF_TOKEN)") from e
-    except RepositoryNotFoundError as e:
-        raise MergebakeError(f"Hub repo {repo!r} not found (or private without a token); "
-                             "check the name, or log in with `hf auth login`") from e
-    return info.sha
+        resolved = api.resolve_revision(repo, revision=revision)
+    except Exception as e:
+        raise MergebakeError(
+            explain_hub_error(e, repo=repo, revision=revision, config_key=config_key)
+        ) from e
+    return getattr(resolved, "resolved", None) or str(resolved)
 
 
-def fetch(repo: str, revision: str, out: Path, *, subfolder: str | None = None,
-          api: Any = None) -> dict[str, Any]:
+def pin_revision(
+    repo: str, revision: str, out: Path, *, api: Any = None, config_key: str | None = None
+) -> dict[str, str]:
+    """Resolve ``repo@revision`` once and write ``{repo, revision, commit}`` to ``out``.
+
+    The fetches of that repo and revision read the commit from ``out``, so they all get the
+    same one. Logs the pin. Returns the record.
+    """
+    commit = resolve_revision(repo, revision, api=api, config_key=config_key)
+    record = {"repo": repo, "revision": revision, "commit": commit}
+    log.info("pinned %s@%s to commit %s", repo, revision, commit)
+    write_json(out, record)
+    return record
+
+
+def read_pin(path: Path, repo: str, revision: str) -> str:
+    """The commit recorded in pin file ``path``, checked to be for ``repo@revision``."""
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MergebakeError(
+            f"{path}: cannot read the pinned revision ({e}); delete it and "
+            "run again to resolve the revision anew"
+        ) from e
+    if (rec.get("repo"), rec.get("revision")) != (repo, revision) or not is_commit_sha(
+        rec.get("commit", "")
+    ):
+        raise MergebakeError(
+            f"{path}: pins {rec.get('repo')}@{rec.get('revision')}, not "
+            f"{repo}@{revision}; delete it and run again"
+        )
+    return rec["commit"]
+
+
+def _patterns(prefix: str, allow_pickle: bool) -> tuple[list[str], list[str]]:
+    names = ALLOW_PATTERNS + (PICKLE_PATTERNS if allow_pickle else ())
+    # fnmatch's * crosses '/', so nested folders are excluded explicitly.
+    return [prefix + p for p in names], [prefix + "*/*"]
+
+
+def _candidates(repo: str, commit: str, cache_dir: str | None) -> str:
+    """Folders of the repo at ``commit`` that hold a checkpoint or adapter (from the cache)."""
+    try:
+        from huggingface_hub import get_cached_repo_tree
+
+        paths = [f.path for f in get_cached_repo_tree(repo, revision=commit, cache_dir=cache_dir)]
+    except Exception:  # nothing cached: no suggestion
+        return ""
+    found = sorted(
+        {
+            p.rpartition("/")[0] or "."
+            for p in paths
+            if p.rpartition("/")[2] in ("config.json", "adapter_config.json")
+        }
+    )
+    return f"; folders with a config there: {', '.join(found)}" if found else ""
+
+
+def fetch(
+    repo: str,
+    revision: str,
+    out: Path,
+    *,
+    subfolder: str | None = None,
+    commit: str | None = None,
+    allow_pickle: bool = False,
+    cache_dir: str | None = None,
+    config_key: str | None = None,
+    api: Any = None,
+) -> dict[str, Any]:
     """Download ``repo@revision`` (only ``subfolder`` when given) into ``out``.
 
-    The folder's content is flattened: the files of ``subfolder`` land directly in
-    ``out``. ``provenance.json`` records ``source = {repo, subfolder, revision, commit}``.
-    Returns that source dict. Raises :class:`MergebakeError` for a missing repo, revision
-    or subfolder (nothing is left at ``out``).
+    ``commit`` is the sha the revision was pinned to (from :func:`pin_revision`); without
+    it the revision is resolved here. The files of ``subfolder`` land directly in ``out``
+    (hard links into the Hub cache where possible). ``provenance.json`` records
+    ``source = {repo, subfolder, revision, commit}``; that dict is returned.
+
+    Raises :class:`MergebakeError` (naming ``config_key`` when given) for a missing repo,
+    revision or subfolder, a gated or private repo without access, or an offline cache that
+    lacks the files; nothing is left at ``out`` then.
     """
     from huggingface_hub import snapshot_download
 
-    commit = resolve_revision(repo, revision, api=api)
+    commit = commit or resolve_revision(repo, revision, api=api, config_key=config_key)
     if commit != revision:
-        log.info("pinned %s@%s to commit %s", repo, revision, commit)
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    patterns = [prefix + p for p in ALLOW_PATTERNS]
+        log.info("%s@%s is pinned to commit %s", repo, revision, commit)
+    sub = subfolder.strip("/") if subfolder else ""
+    prefix = f"{sub}/" if sub else ""
+    allow, ignore = _patterns(prefix, allow_pickle)
+    try:
+        snapshot = snapshot_download(
+            repo_id=repo,
+            revision=commit,
+            allow_patterns=allow,
+            ignore_patterns=ignore,
+            cache_dir=cache_dir,
+        )
+    except Exception as e:
+        raise MergebakeError(
+            explain_hub_error(e, repo=repo, revision=commit, subfolder=sub, config_key=config_key)
+        ) from e
+    src = Path(snapshot) / sub if sub else Path(snapshot)
+    files = sorted(p for p in src.iterdir() if p.is_file()) if src.is_dir() else []
+    if not files:
+        raise MergebakeError(
+            f"{_where(config_key)}Hub repo {repo!r}@{commit}: no checkpoint or adapter files "
+            f"under {sub or 'the repo root'!r}; check 'subfolder'"
+            + _candidates(repo, commit, cache_dir)
+        )
     with atomic_dir(out) as tmp:
-        dl = tmp / ".download"
-        snapshot_download(repo_id=repo, revision=commit, local_dir=dl,
-                          allow_patterns=patterns)
-        src = dl / prefix if prefix else dl
-        files = [p for p in src.iterdir() if p.is_file()] if src.is_dir() else []
-        if not files:
-            raise MergebakeError(f"Hub repo {repo!r}@{commit}: no checkpoint or adapter files "
-                                 f"under {subfolder or 'the repo root'!r}; check 'subfolder'")
         for p in files:
-            shutil.move(str(p), tmp / p.name)
-        shutil.rmtree(dl)
+            link_or_copy(os.path.realpath(p), tmp / p.name)
         source = {"repo": repo, "subfolder": subfolder, "revision": revision, "commit": commit}
         write_provenance(tmp, step="fetch", inputs={}, params={}, source=source)
+    log.info(
+        "fetched %d file(s) of %s@%s%s into %s: %s",
+        len(files),
+        repo,
+        commit,
+        f" ({sub})" if sub else "",
+        out,
+        ", ".join(p.name for p in files),
+    )
     return source
+
+
+def cli_pin(a) -> None:
+    """``mergebake pin``: resolve a revision once and write the pin file."""
+    rec = pin_revision(a.repo, a.revision, a.out, config_key=a.config_key)
+    print(json.dumps(rec))
+
+
+def cli_fetch(a) -> None:
+    """``mergebake fetch``: download a base or adapter, pinned to a commit."""
+    commit = read_pin(a.pin, a.repo, a.revision) if a.pin else None
+    src = fetch(
+        a.repo,
+        a.revision,
+        a.out,
+        subfolder=a.subfolder,
+        commit=commit,
+        allow_pickle=a.allow_pickle,
+        config_key=a.config_key,
+    )
+    print(json.dumps(src))
+
+
+def add_pin_arguments(sp) -> None:
+    sp.add_argument("--repo", required=True)
+    sp.add_argument("--revision", required=True, help="branch or tag to resolve")
+    sp.add_argument("--out", type=Path, required=True, help="pin file (JSON) to write")
+    sp.add_argument("--config-key", help="config key named in errors, e.g. bases.1b-std.hub")
+
+
+def add_fetch_arguments(sp) -> None:
+    sp.add_argument("--repo", required=True)
+    sp.add_argument("--revision", required=True)
+    sp.add_argument("--subfolder")
+    sp.add_argument("--pin", type=Path, help="pin file of `mergebake pin` with the commit to use")
+    sp.add_argument("--allow-pickle", action="store_true", help="also fetch adapter_model.bin")
+    sp.add_argument("--config-key", help="config key named in errors, e.g. bases.1b-std.hub")
+    sp.add_argument("--out", type=Path, required=True)

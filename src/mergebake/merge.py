@@ -74,9 +74,13 @@ def merge_cell(
     for p in (base, *models.values()):
         weight_files(p, allow_pickle=allow_pickle)  # exists, safetensors, index complete
     dtype = dtype or base_dtype(base)
-    rendered = render_recipe(Path(recipe), base_model=str(base),
-                             models={k: str(v) for k, v in models.items()},
-                             parameters=parameters, dtype=dtype)
+    rendered = render_recipe(
+        Path(recipe),
+        base_model=str(base),
+        models={k: str(v) for k, v in models.items()},
+        parameters=parameters,
+        dtype=dtype,
+    )
     try:
         merge_config = MergeConfiguration.model_validate(rendered)
     except Exception as e:  # pydantic ValidationError: mergekit rejects the rendered recipe
@@ -106,9 +110,13 @@ def merge_cell(
             tmp,
             step="merge",
             inputs={"base": base, **{f"model:{k}": v for k, v in models.items()}},
-            params={"recipe_template": str(Path(recipe).resolve()), "recipe": rendered,
-                    "parameters": dict(parameters), "dtype": dtype,
-                    "out_shard_size": out_shard_size},
+            params={
+                "recipe_template": str(Path(recipe).resolve()),
+                "recipe": rendered,
+                "parameters": dict(parameters),
+                "dtype": dtype,
+                "out_shard_size": out_shard_size,
+            },
             seed=seed,
         )
     return {"recipe": rendered, "seconds": time.perf_counter() - t0}

@@ -41,6 +41,7 @@ from .verify import VerificationError, load_problems, tokenizer_problems
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class WrappedLayout:
     """How one multimodal architecture wraps its text causal LM.
@@ -93,7 +94,7 @@ TEXT_PREFIXES = ("model.", "lm_head.")
 def _apply(rules: Iterable[tuple[str, str]], name: str) -> str | None:
     for old, new in rules:
         if name.startswith(old):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     return None
 
 
@@ -290,8 +291,10 @@ def normalise(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
                     metadata["total_parameters"] = sum(
                         _numel(tensors[k].shape) for k, v in plan.items() if v is not None
                     )
-                write_json(tmp / INDEX_NAME, {"metadata": metadata,
-                                              "weight_map": dict(sorted(weight_map.items()))})
+                write_json(
+                    tmp / INDEX_NAME,
+                    {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))},
+                )
 
         if linked:
             link_or_copy(src / "config.json", tmp / "config.json")
@@ -316,8 +319,7 @@ def normalise(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
             tmp,
             step="normalise",
             inputs={"src": src},
-            params={"source_architecture": _architecture(config, src), **summary,
-                    "assets": assets},
+            params={"source_architecture": _architecture(config, src), **summary, "assets": assets},
         )
     log.info("normalise %s -> %s: %s", src, out, summary)
     return summary

@@ -110,12 +110,20 @@ def check_local_paths(config: Mapping[str, Any]) -> None:
             if "path" in asrc and not Path(asrc["path"]).is_dir():
                 problems.append(f"key 'adapters.{base}.{a}.path': {asrc['path']} does not exist")
     if problems:
-        raise ConfigError("local input folder(s) not found; fix the path(s) or use a hub "
-                          "source:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(
+            "local input folder(s) not found; fix the path(s) or use a hub "
+            "source:\n  - " + "\n  - ".join(problems)
+        )
 
 
-def preflight(config: Mapping[str, Any], *, workdir: str | Path = ".", check_token: bool = True,
-              check_disk: bool = True, keep_going: bool = False) -> list[str]:
+def preflight(
+    config: Mapping[str, Any],
+    *,
+    workdir: str | Path = ".",
+    check_token: bool = True,
+    check_disk: bool = True,
+    keep_going: bool = False,
+) -> list[str]:
     """Run the preflight checks on a validated ``config``; return the warnings.
 
     Raises :class:`PreflightError` listing every failure: a local adapter that does not
@@ -143,9 +151,13 @@ def preflight(config: Mapping[str, Any], *, workdir: str | Path = ".", check_tok
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    bake_preflight(base_dir, _adapter_folder(config, base, a, workdir),
-                                   allow_pickle=config["allow_pickle"], expected_base=expected,
-                                   strict_base_match=config["bake"]["strict_base_match"])
+                    bake_preflight(
+                        base_dir,
+                        _adapter_folder(config, base, a, workdir),
+                        allow_pickle=config["allow_pickle"],
+                        expected_base=expected,
+                        strict_base_match=config["bake"]["strict_base_match"],
+                    )
                 except MergebakeError as e:
                     msg = f"config key 'adapters.{base}.{a}': {e}"
                     (notes if keep_going else problems).append(msg)
@@ -154,9 +166,11 @@ def preflight(config: Mapping[str, Any], *, workdir: str | Path = ".", check_tok
         from huggingface_hub import get_token
 
         if not get_token():
-            problems.append("config key 'hub.enabled' is true but no Hugging Face token was "
-                            "found; run `hf auth login` or set HF_TOKEN (or set hub.enabled: "
-                            "false for a dry run)")
+            problems.append(
+                "config key 'hub.enabled' is true but no Hugging Face token was "
+                "found; run `hf auth login` or set HF_TOKEN (or set hub.enabled: "
+                "false for a dry run)"
+            )
     if check_disk:
         need = disk_needed(config, workdir)
         probe = workdir if workdir.exists() else workdir.parent
@@ -165,7 +179,8 @@ def preflight(config: Mapping[str, Any], *, workdir: str | Path = ".", check_tok
             problems.append(
                 f"disk: the planned outputs need about {need / 1e9:.1f} GB but "
                 f"{probe.resolve()} has {free / 1e9:.1f} GB free; free space, set "
-                "temp_intermediates: true, or build fewer cells")
+                "temp_intermediates: true, or build fewer cells"
+            )
     if problems:
         raise PreflightError("preflight failed:\n  - " + "\n  - ".join(problems))
     for n in notes:

@@ -74,7 +74,7 @@ class _Eval:
     top_level: list[str]
 
 
-def _read_eval(path: Path) -> _Eval:
+def read_eval(path: Path) -> _Eval:
     """Scores of one eval JSON, plus which tasks are top level and which metrics go down."""
     scores = load_scores(path)
     data = json.loads(Path(path).read_text())
@@ -112,7 +112,7 @@ def _check_rows(rows: list[dict]) -> None:
         seen.add(key)
 
 
-def _choose_columns(evals: dict[int, _Eval], metrics: list[str] | None) -> list[tuple[str, str]]:
+def choose_columns(evals: dict[int, _Eval], metrics: list[str] | None) -> list[tuple[str, str]]:
     """``[(task, key)]`` for the pivot: ``metrics`` as given, or one default per task.
 
     The default metric of a task is ``acc,none`` where any row has it, else the first (in
@@ -146,8 +146,8 @@ def _pivot(rows: list[dict], baseline: str, metrics: list[str] | None):
     for i, row in enumerate(rows):
         path = row.get("eval")
         if path is not None and Path(path).is_file():
-            evals[i] = _read_eval(Path(path))
-    columns = _choose_columns(evals, metrics)
+            evals[i] = read_eval(Path(path))
+    columns = choose_columns(evals, metrics)
     names = [column_name(t, k) for t, k in columns]
     lower = set().union(*(ev.lower_better for ev in evals.values())) if evals else set()
     sign = [(-1.0 if (t, k) in lower else 1.0) for t, k in columns]
@@ -163,8 +163,9 @@ def _pivot(rows: list[dict], baseline: str, metrics: list[str] | None):
         rec["_group"] = row.get("group")
         rec["_method"] = row.get("method")
         records.append(rec)
-    df = pd.DataFrame.from_records(records, columns=[*ID_COLUMNS, *names, "_base", "_row",
-                                                     "_group", "_method"])
+    df = pd.DataFrame.from_records(
+        records, columns=[*ID_COLUMNS, *names, "_base", "_row", "_group", "_method"]
+    )
     ref_name = _baseline_name(baseline)
     ref_kind = "base" if ref_name == BASE_NAME else "adapter"
     refs = df[(df["name"] == ref_name) & (df["kind"] == ref_kind)].set_index("_base")
@@ -192,8 +193,12 @@ def _pivot(rows: list[dict], baseline: str, metrics: list[str] | None):
 
     kind_rank = {k: n for n, k in enumerate(KINDS)}
     df["_order"] = [
-        (natural_key(r["size"]), natural_key(r["variant"]), kind_rank[r["kind"]],
-         natural_key(r["name"]))
+        (
+            natural_key(r["size"]),
+            natural_key(r["variant"]),
+            kind_rank[r["kind"]],
+            natural_key(r["name"]),
+        )
         for _, r in df.iterrows()
     ]
     df = df.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
@@ -214,16 +219,24 @@ def _ranking(df) -> dict[str, list[dict[str, Any]]]:
         for method in sorted(sub["_method"].fillna("").unique(), key=natural_key):
             cells = sub[sub["_method"].fillna("") == method]
             done = cells[MEAN_DELTA].dropna()
-            entries.append({
-                "method": method or None,
-                "mean_delta": float(done.mean()) if len(done) else None,
-                "cells": int(len(done)),
-                "pending": int(len(cells) - len(done)),
-                "variants": sorted(cells.loc[cells[MEAN_DELTA].notna(), "variant"].unique(),
-                                   key=natural_key),
-            })
-        entries.sort(key=lambda e: (e["mean_delta"] is None, -(e["mean_delta"] or 0.0),
-                                    natural_key(e["method"] or "")))
+            entries.append(
+                {
+                    "method": method or None,
+                    "mean_delta": float(done.mean()) if len(done) else None,
+                    "cells": int(len(done)),
+                    "pending": int(len(cells) - len(done)),
+                    "variants": sorted(
+                        cells.loc[cells[MEAN_DELTA].notna(), "variant"].unique(), key=natural_key
+                    ),
+                }
+            )
+        entries.sort(
+            key=lambda e: (
+                e["mean_delta"] is None,
+                -(e["mean_delta"] or 0.0),
+                natural_key(e["method"] or ""),
+            )
+        )
         for rank, e in enumerate(entries, 1):
             e["rank"] = rank if e["mean_delta"] is not None else None
         out[str(size)] = entries
@@ -231,6 +244,7 @@ def _ranking(df) -> dict[str, list[dict[str, Any]]]:
 
 
 # ----------------------------------------------------------------------------- formatting
+
 
 def _fmt(x: float, *, signed: bool = False) -> str:
     """A score to 3 decimals (``+``/``-`` always shown on Δs; no ``-0.000``)."""
@@ -240,8 +254,9 @@ def _fmt(x: float, *, signed: bool = False) -> str:
     return f"{x:+.3f}" if signed else f"{x:.3f}"
 
 
-def _md_table(header: list[str], rows: list[list[str]], align: list[str]) -> list[str]:
+def md_table(header: list[str], rows: list[list[str]], align: list[str]) -> list[str]:
     """A GitHub Markdown table; ``align`` is ``"l"`` or ``"r"`` per column."""
+
     def esc(s: str) -> str:
         return str(s).replace("|", "\\|")
 
@@ -253,8 +268,11 @@ def _md_table(header: list[str], rows: list[list[str]], align: list[str]) -> lis
 
 def _markdown(df, names, delta_cols, ranking, baseline: str) -> str:
     ref = _baseline_name(baseline)
-    ref_desc = ("the base model (`_base` row) of each base" if ref == BASE_NAME
-                else f"the single-adapter `{ref}` row of each base")
+    ref_desc = (
+        "the base model (`_base` row) of each base"
+        if ref == BASE_NAME
+        else f"the single-adapter `{ref}` row of each base"
+    )
     out = [
         "# Merge evaluation report",
         "",
@@ -272,15 +290,24 @@ def _markdown(df, names, delta_cols, ranking, baseline: str) -> str:
     rank_rows = []
     for size, entries in ranking.items():
         for e in entries:
-            rank_rows.append([
-                size, str(e["rank"]) if e["rank"] is not None else "–", e["method"] or "–",
-                _fmt(e["mean_delta"], signed=True) if e["mean_delta"] is not None
-                else "pending",
-                str(e["cells"]), ", ".join(e["variants"]) or "–",
-            ])
+            rank_rows.append(
+                [
+                    size,
+                    str(e["rank"]) if e["rank"] is not None else "–",
+                    e["method"] or "–",
+                    _fmt(e["mean_delta"], signed=True)
+                    if e["mean_delta"] is not None
+                    else "pending",
+                    str(e["cells"]),
+                    ", ".join(e["variants"]) or "–",
+                ]
+            )
     if rank_rows:
-        out += _md_table(["size", "rank", "method", "mean Δ", "cells", "variants"], rank_rows,
-                         ["l", "r", "l", "r", "r", "l"])
+        out += md_table(
+            ["size", "rank", "method", "mean Δ", "cells", "variants"],
+            rank_rows,
+            ["l", "r", "l", "r", "r", "l"],
+        )
     else:
         out.append("No merged cells.")
     out.append("")
@@ -294,22 +321,29 @@ def _markdown(df, names, delta_cols, ranking, baseline: str) -> str:
         note = "" if r["_status"] == "ok" else r["_status"]
         if is_ref and not note:
             note = "baseline"
-        return [r["variant"], r["kind"], name, *[_fmt(r[c]) for c in names],
-                *[_fmt(r[c], signed=True) for c in delta_cols],
-                _fmt(r[MEAN_DELTA], signed=True), note]
+        return [
+            r["variant"],
+            r["kind"],
+            name,
+            *[_fmt(r[c]) for c in names],
+            *[_fmt(r[c], signed=True) for c in delta_cols],
+            _fmt(r[MEAN_DELTA], signed=True),
+            note,
+        ]
 
     for size in sorted(df["size"].unique(), key=natural_key):
         out += [f"## {size}", ""]
-        out += _md_table(header, [row_cells(r) for _, r in df[df["size"] == size].iterrows()],
-                         align)
+        out += md_table(header, [row_cells(r) for _, r in df[df["size"] == size].iterrows()], align)
         out.append("")
 
     out += ["## Baseline rows", ""]
     base_rows = df[df["kind"] != "merge"]
     if len(base_rows):
-        out += _md_table(["size", *header],
-                         [[r["size"], *row_cells(r)] for _, r in base_rows.iterrows()],
-                         ["l", *align])
+        out += md_table(
+            ["size", *header],
+            [[r["size"], *row_cells(r)] for _, r in base_rows.iterrows()],
+            ["l", *align],
+        )
     else:
         out.append("None.")
     out.append("")
@@ -318,9 +352,11 @@ def _markdown(df, names, delta_cols, ranking, baseline: str) -> str:
     out += ["## Pending", ""]
     if len(pending):
         for _, r in pending.iterrows():
-            why = {PENDING_EVAL: "no eval results yet",
-                   PENDING_BASELINE: f"baseline `{ref}` of {r['_base']} has no eval results",
-                   INCOMPLETE: "a metric is missing from the row or its baseline"}[r["_status"]]
+            why = {
+                PENDING_EVAL: "no eval results yet",
+                PENDING_BASELINE: f"baseline `{ref}` of {r['_base']} has no eval results",
+                INCOMPLETE: "a metric is missing from the row or its baseline",
+            }[r["_status"]]
             out.append(f"- {r['_base']} `{r['name']}`: {r['_status']} ({why})")
     else:
         out.append("None.")
@@ -329,6 +365,7 @@ def _markdown(df, names, delta_cols, ranking, baseline: str) -> str:
 
 
 # ----------------------------------------------------------------------------- plots
+
 
 def _save_png(fig, path: Path) -> None:
     with atomic_file(path, "wb") as fh:
@@ -348,12 +385,15 @@ def _plot_scores(df, names, path: Path) -> None:
         x = np.arange(len(labels))
         width = 0.8 / max(1, len(names))
         for j, col in enumerate(names):
-            ax.bar(x + (j - (len(names) - 1) / 2) * width, df[col].fillna(0).to_numpy(),
-                   width, label=col)
+            ax.bar(
+                x + (j - (len(names) - 1) / 2) * width,
+                df[col].fillna(0).to_numpy(),
+                width,
+                label=col,
+            )
         for xi, status in zip(x, df["_status"], strict=True):
             if status == PENDING_EVAL:
-                ax.text(xi, 0.0, "pending eval", rotation=90, ha="center", va="bottom",
-                        fontsize=7)
+                ax.text(xi, 0.0, "pending eval", rotation=90, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(x, labels, rotation=90, fontsize=7)
         ax.set_ylabel("score (metric units)")
         ax.set_title("lm-eval scores per cell and baseline")
@@ -387,8 +427,7 @@ def _plot_ranking(ranking, path: Path) -> None:
             ax.bar(xs, vals, width, label=method or "?")
             for xi, p in zip(xs, pending, strict=True):
                 if p:
-                    ax.text(xi, 0.0, "pending", rotation=90, ha="center", va="bottom",
-                            fontsize=7)
+                    ax.text(xi, 0.0, "pending", rotation=90, ha="center", va="bottom", fontsize=7)
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xticks(x, sizes)
         ax.set_ylabel("mean Δ vs baseline (metric units)")
@@ -400,6 +439,7 @@ def _plot_ranking(ranking, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- entry point
+
 
 def build_report(
     rows: list[dict],
@@ -450,7 +490,10 @@ def build_report(
         "baseline": baseline,
         "metrics": names,
         "ranking": ranking,
-        "pending": [{"base": r["_base"], "name": r["name"], "status": r["_status"]}
-                    for _, r in df.iterrows() if r["_status"] != "ok"],
+        "pending": [
+            {"base": r["_base"], "name": r["name"], "status": r["_status"]}
+            for _, r in df.iterrows()
+            if r["_status"] != "ok"
+        ],
     }
     return result

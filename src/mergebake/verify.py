@@ -55,8 +55,13 @@ def _one_line(e: BaseException) -> str:
 def _json_type(value: Any) -> str:
     if isinstance(value, bool):  # before int: bool is a subclass of int
         return "bool"
-    for t, name in ((int, "int"), (float, "float"), (str, "string"), (list, "array"),
-                    (dict, "object")):
+    for t, name in (
+        (int, "int"),
+        (float, "float"),
+        (str, "string"),
+        (list, "array"),
+        (dict, "object"),
+    ):
         if isinstance(value, t):
             return name
     return "null" if value is None else type(value).__name__
@@ -117,10 +122,14 @@ def compare_tensors(
     candidate: dict[str, TensorInfo], reference: dict[str, TensorInfo]
 ) -> list[str]:
     """Missing/unexpected tensor names, then shape and dtype differences, from headers."""
-    out = [f"tensor {n}: missing (the reference has it)"
-           for n in sorted(set(reference) - set(candidate))]
-    out += [f"tensor {n}: unexpected (not in the reference)"
-            for n in sorted(set(candidate) - set(reference))]
+    out = [
+        f"tensor {n}: missing (the reference has it)"
+        for n in sorted(set(reference) - set(candidate))
+    ]
+    out += [
+        f"tensor {n}: unexpected (not in the reference)"
+        for n in sorted(set(candidate) - set(reference))
+    ]
     for n in sorted(set(candidate) & set(reference)):
         c, r = candidate[n], reference[n]
         if c.shape != r.shape:
@@ -180,8 +189,11 @@ def load_problems(folder: Path) -> list[str]:
     try:
         with _quiet_transformers():
             _, info = AutoModelForCausalLM.from_pretrained(
-                folder, device_map="meta", output_loading_info=True,
-                ignore_mismatched_sizes=True, trust_remote_code=False,
+                folder,
+                device_map="meta",
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                trust_remote_code=False,
             )
     except Exception as e:  # any failure to load is a finding, not a crash
         return [f"load: AutoModelForCausalLM.from_pretrained failed: {_one_line(e)}"]
@@ -199,8 +211,11 @@ def tokenizer_problems(candidate: Path, reference: Path) -> list[str]:
     from transformers import AutoTokenizer
 
     present = [n for n in TOKENIZER_FILES if (candidate / n).is_file()]
-    out = [f"tokenizer: {n} missing (the reference has it)"
-           for n in TOKENIZER_FILES if (reference / n).is_file() and n not in present]
+    out = [
+        f"tokenizer: {n} missing (the reference has it)"
+        for n in TOKENIZER_FILES
+        if (reference / n).is_file() and n not in present
+    ]
     if not present:
         return out or ["tokenizer: no tokenizer files"]
     try:
@@ -267,8 +282,13 @@ def verify_checkpoint(
     build system never mistakes it for a finished output. Returns None when it passes.
     """
     candidate, reference = Path(candidate), Path(reference)
-    problems = find_problems(candidate, reference, allowed_config_keys=allowed_config_keys,
-                             load=load, check_tokenizer=check_tokenizer)
+    problems = find_problems(
+        candidate,
+        reference,
+        allowed_config_keys=allowed_config_keys,
+        load=load,
+        check_tokenizer=check_tokenizer,
+    )
     if not problems:
         log.info("verify %s against %s: ok", candidate, reference)
         return
@@ -293,5 +313,6 @@ def verify_after_merge(
     rewrites ``config.json`` unchanged, so none are needed by default), loads, finite,
     tokenizer usable.
     """
-    verify_checkpoint(merged, base, allowed_config_keys=allowed_config_keys,
-                      remove_on_failure=remove_on_failure)
+    verify_checkpoint(
+        merged, base, allowed_config_keys=allowed_config_keys, remove_on_failure=remove_on_failure
+    )

@@ -1,0 +1,317 @@
+"""Benchmark: baking an r=64 all-linear LoRA into a bf16 Gemma-3 text checkpoint.
+
+Generates (once, into the work folder) a Gemma-3 text checkpoint of hidden size 1536,
+intermediate 6144, vocabulary 32000, 8 heads of 256 (4 KV heads), 16 layers (0.65B
+parameters, 1.3 GB bf16), and a LoRA adapter of rank 64 on every linear layer of it (112
+modules, fp32 as PEFT saves it), then times, each as a separate process with its imports:
+
+- ``peft``: transformers load + ``PeftModel.from_pretrained`` + ``merge_and_unload`` +
+  ``save_pretrained`` (what the ``peft`` engine does);
+- ``stream``: ``mergebake bake --engine stream`` (preflight, bake, provenance with sha256s);
+- ``cp``: ``cp -r`` of the base checkpoint folder;
+- ``deltas``: a bare process that reads the adapter and computes every ``B @ A * scale``
+  in fp32 (the arithmetic no bake can skip);
+
+and prints wall seconds and peak RSS of each (``/usr/bin/time``'s maximum resident set,
+i.e. ``wait4`` rusage of that process; the benchmark's own process never imports torch,
+so no child inherits its pages), the ratios the engine is held to (stream vs PEFT, stream
+vs the floor ``cp`` + ``deltas``), and whether every tensor of the stream output is
+bit-identical to PEFT's. A second size
+(``--large-layers``, 64 by default: 4× the parameters of the linear layers) shows that the
+streaming bake's peak RSS does not grow with the model. Usage:
+
+    python bench/bake.py [--work DIR] [--repeat 3] [--large-layers 64] [--skip-peft-large]
+                         [--threads N] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PY = sys.executable
+BIN = Path(sys.executable).parent
+HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 1536, 6144, 32000, 8, 4, 256
+RANK, ALPHA = 64, 128
+
+PEFT_SCRIPT = """
+import sys
+from transformers import Gemma3ForCausalLM
+from peft import PeftModel
+base, adapter, out = sys.argv[1:4]
+model = Gemma3ForCausalLM.from_pretrained(base, dtype="auto")
+merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+merged.save_pretrained(out)
+"""
+
+DELTAS_SCRIPT = """
+import json, sys, torch
+from safetensors import safe_open
+adapter = sys.argv[1]
+cfg = json.load(open(adapter + "/adapter_config.json"))
+scale = cfg["lora_alpha"] / cfg["r"]
+n = 0
+with safe_open(adapter + "/adapter_model.safetensors", framework="pt") as fh:
+    for key in fh.keys():
+        if key.endswith("lora_A.weight"):
+            a = fh.get_tensor(key).float()
+            b = fh.get_tensor(key.replace("lora_A", "lora_B")).float()
+            delta = (b @ a) * scale
+            n += 1
+print(n, "deltas")
+"""
+
+
+def text_config(layers: int):
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=4096,
+        sliding_window=512,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        tie_word_embeddings=True,
+        dtype="bfloat16",
+    )
+
+
+def generate(folder: Path, layers: int, seed: int = 0) -> tuple[Path, Path]:
+    """Write the base checkpoint and its r=64 all-linear adapter (skipped when present)."""
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+    from transformers import Gemma3ForCausalLM
+
+    base, adapter = folder / "base", folder / "adapter"
+    if (base / "model.safetensors").is_file() and (adapter / "adapter_model.safetensors").is_file():
+        return base, adapter
+    shutil.rmtree(folder, ignore_errors=True)
+    base.mkdir(parents=True)
+    adapter.mkdir(parents=True)
+    config = text_config(layers)
+    with torch.device("meta"):
+        model = Gemma3ForCausalLM(config)
+    names = {n: tuple(p.shape) for n, p in model.state_dict().items() if n != "lm_head.weight"}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {n: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for n, s in names.items()}
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    del tensors
+    config.architectures = ["Gemma3ForCausalLM"]
+    config.save_pretrained(base)
+    lora = {}
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for n, (out_f, in_f) in ((n, s) for n, s in names.items() if n.rsplit(".", 2)[-2] in targets):
+        module = "base_model.model." + n.removesuffix(".weight")
+        lora[f"{module}.lora_A.weight"] = torch.randn(RANK, in_f, generator=g) * 0.01
+        lora[f"{module}.lora_B.weight"] = torch.randn(out_f, RANK, generator=g) * 0.01
+    save_file(lora, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    cfg = LoraConfig(
+        r=RANK, lora_alpha=ALPHA, target_modules=list(targets), base_model_name_or_path=str(base)
+    )
+    cfg.save_pretrained(adapter)
+    return base, adapter
+
+
+TIME = Path("/usr/bin/time")
+
+
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Run ``cmd``; return (wall seconds, peak RSS in MB) of that process.
+
+    With ``/usr/bin/time`` the RSS is that of a process forked from ``time`` itself;
+    otherwise ``wait4``'s rusage of the child, which also counts the pages it shares with
+    this process between fork and exec (this process stays small for that reason).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        rec, log = Path(tmp) / "rss", Path(tmp) / "log"
+        full = [str(TIME), "-f", "%M", "-o", str(rec), *cmd] if TIME.exists() else cmd
+        with open(log, "wb") as out:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(full, env=env, stdout=out, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise SystemExit(
+                f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                f"{log.read_text(errors='replace')[-3000:]}"
+            )
+        rss_kb = float(rec.read_text().split()[-1]) if TIME.exists() else usage.ru_maxrss
+    return wall, rss_kb / 1024
+
+
+def identical(a: Path, b: Path) -> str:
+    """'yes' when every tensor of checkpoint ``a`` equals (torch.equal) the one in ``b``."""
+    import torch
+    from safetensors import safe_open
+
+    def index(folder: Path) -> dict[str, Path]:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(f, framework="pt") as fh:
+                out.update({k: f for k in fh.keys()})
+        return out
+
+    ia, ib = index(a), index(b)
+    if set(ia) != set(ib):
+        return f"no: names differ ({sorted(set(ia) ^ set(ib))[:3]})"
+    for name in ia:
+        with safe_open(ia[name], framework="pt") as fa, safe_open(ib[name], framework="pt") as fb:
+            x, y = fa.get_tensor(name), fb.get_tensor(name)
+            if x.dtype != y.dtype or not torch.equal(x, y):
+                return f"no: {name} differs"
+    return f"yes, all {len(ia)} tensors torch.equal"
+
+
+def helper(*args: str) -> str:
+    """Run this file's ``--generate``/``--identical`` in a child (torch stays out of here)."""
+    return (
+        subprocess.run([PY, __file__, *args], check=True, capture_output=True, text=True)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+
+
+def run_size(
+    label: str, folder: Path, layers: int, repeat: int, with_peft: bool, env: dict[str, str]
+) -> dict[str, tuple[float, float]]:
+    t0 = time.perf_counter()
+    helper("--generate", str(folder), str(layers))
+    base, adapter = folder / "base", folder / "adapter"
+    gb = (base / "model.safetensors").stat().st_size / 1e9
+    print(
+        f"\n[{label}] {layers} layers, {gb:.2f} GB bf16 (generated/checked in "
+        f"{time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
+    runs: dict[str, list[tuple[float, float]]] = {}
+
+    def once(name: str, cmd: list[str], out: Path) -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        runs.setdefault(name, []).append(measure(cmd, env))
+        print(f"  {name:<7} {runs[name][-1][0]:7.2f} s {runs[name][-1][1]:8.0f} MB", flush=True)
+
+    outs = {k: folder / f"out-{k}" for k in ("peft", "stream", "cp")}
+    for _ in range(repeat):
+        once("cp", ["cp", "-r", str(base), str(outs["cp"])], outs["cp"])
+        once("deltas", [PY, "-c", DELTAS_SCRIPT, str(adapter)], outs["cp"].with_name("none"))
+        once(
+            "stream",
+            [
+                str(BIN / "mergebake"),
+                "bake",
+                "--engine",
+                "stream",
+                "--base",
+                str(base),
+                "--adapter",
+                str(adapter),
+                "--out",
+                str(outs["stream"]),
+            ],
+            outs["stream"],
+        )
+        if with_peft:
+            once(
+                "peft",
+                [PY, "-c", PEFT_SCRIPT, str(base), str(adapter), str(outs["peft"])],
+                outs["peft"],
+            )
+    best = {k: (statistics.median(w for w, _ in v), max(r for _, r in v)) for k, v in runs.items()}
+    if with_peft:
+        best["_identical"] = helper("--identical", str(outs["stream"]), str(outs["peft"]))
+    for out in outs.values():
+        shutil.rmtree(out, ignore_errors=True)
+    return best
+
+
+def table(label: str, res: dict) -> None:
+    floor = res["cp"][0] + res["deltas"][0]
+    print(f"\n{label}: median wall s / peak RSS MB of each process")
+    print(f"  {'process':<28}{'wall s':>9}{'peak RSS MB':>14}")
+    rows = [
+        ("peft (load+merge+save)", "peft"),
+        ("stream (mergebake bake)", "stream"),
+        ("cp -r", "cp"),
+        ("deltas only (fp32 B@A)", "deltas"),
+    ]
+    for text, key in rows:
+        if key in res:
+            print(f"  {text:<28}{res[key][0]:>9.2f}{res[key][1]:>14.0f}")
+    print(f"  {'floor = cp + deltas':<28}{floor:>9.2f}")
+    s = res["stream"]
+    print(f"  stream / floor wall: {s[0] / floor:.2f}x (target <= 1.5x)")
+    if "peft" in res:
+        p = res["peft"]
+        print(
+            f"  peft / stream wall: {p[0] / s[0]:.1f}x (target >= 3x); stream RSS / peft RSS: "
+            f"{100 * s[1] / p[1]:.0f}% (target <= 30%)"
+        )
+        print(f"  stream output bit-identical to PEFT: {res['_identical']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, help="folder for checkpoints (kept); default: a temp dir")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--large-layers", type=int, default=64, help="0 to skip the second size")
+    ap.add_argument("--skip-peft-large", action="store_true")
+    ap.add_argument("--threads", type=int, help="OMP/MKL threads of every process")
+    ap.add_argument("--generate", nargs=2, metavar=("DIR", "LAYERS"), help=argparse.SUPPRESS)
+    ap.add_argument("--identical", nargs=2, metavar=("A", "B"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.generate:
+        generate(Path(args.generate[0]), int(args.generate[1]))
+        print("generated")
+        return
+    if args.identical:
+        print(identical(Path(args.identical[0]), Path(args.identical[1])))
+        return
+    work = args.work or Path(tempfile.mkdtemp(prefix="mergebake-bench-bake-"))
+    env = dict(
+        os.environ,
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+    )
+    if args.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    print(f"bench/bake.py: {os.cpu_count()} CPUs, work {work}, repeat {args.repeat}")
+    results = {"small": run_size("small", work / "small", args.layers, args.repeat, True, env)}
+    table(f"{args.layers} layers", results["small"])
+    if args.large_layers:
+        results["large"] = run_size(
+            "large",
+            work / "large",
+            args.large_layers,
+            max(1, args.repeat - 1),
+            not args.skip_peft_large,
+            env,
+        )
+        table(f"{args.large_layers} layers", results["large"])
+        print(
+            f"\nstream peak RSS {results['small']['stream'][1]:.0f} MB at {args.layers} layers, "
+            f"{results['large']['stream'][1]:.0f} MB at {args.large_layers} layers"
+        )
+    if not args.work:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""Model cards: one README.md per published cell, and the repo-level README of the grid.
+
+A cell's card is built with huggingface_hub's :class:`~huggingface_hub.ModelCard` /
+:class:`~huggingface_hub.ModelCardData`, so its metadata is what the Hub reads:
+``base_model`` (the base's Hub repo id, when the base came from the Hub), ``tags`` (merge,
+mergekit, lora and the method), ``library_name: transformers``, ``language`` and
+``license`` from the config, and a ``model-index`` with the cell's lm-eval scores. The body
+gives the rendered mergekit recipe (local paths replaced by the names of the checkpoints
+they held), the base and adapters with their repo, revision and pinned commit, the scores
+with Δ against the report's baseline row of the same base, and how to load the cell.
+
+Metrics are chosen as in the report (:mod:`mergebake.report`): ``report.metrics`` when set,
+else ``acc,none`` (or the first metric) of each top-level task; a Δ is the cell's value
+minus the baseline's, in the metric's units.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from . import MergebakeError
+from .report import BASE_NAME, choose_columns, column_name, md_table, natural_key, read_eval
+
+TAGS = ("merge", "mergekit", "lora")
+LIBRARY = "transformers"
+PIPELINE = "text-generation"
+
+
+def hub_url(repo: str, path: str = "", *, rev: str = "main") -> str:
+    """Web address of ``repo`` (of folder ``path`` in it) on the configured endpoint."""
+    from huggingface_hub import constants
+
+    base = f"{constants.ENDPOINT.rstrip('/')}/{repo}"
+    return f"{base}/tree/{rev}/{path}" if path else base
+
+
+def commit_url(repo: str, oid: str) -> str:
+    """Web address of commit ``oid`` of ``repo``."""
+    return f"{hub_url(repo)}/commit/{oid}"
+
+
+def _fmt(x: float | None, signed: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    x = round(float(x), 3) + 0.0
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def _pinned(entry: dict[str, Any]) -> str | None:
+    """The commit a fetched source was pinned to, from its folder's provenance.json."""
+    d = entry.get("dir")
+    prov = Path(d) / "provenance.json" if d else None
+    if prov is None or not prov.is_file():
+        return None
+    return (json.loads(prov.read_text()).get("source") or {}).get("commit")
+
+
+def describe_source(entry: dict[str, Any]) -> dict[str, Any]:
+    """``{kind, repo, subfolder, revision, commit, detail}`` of a base or adapter entry.
+
+    ``entry`` is ``{"name", "source": <config source>, "dir": <fetched folder or None>}``.
+    """
+    src = entry.get("source") or {}
+    if "hub" in src:
+        hub = src["hub"]
+        return {
+            "kind": "hub",
+            "repo": hub["repo"],
+            "subfolder": hub.get("subfolder"),
+            "revision": hub["revision"],
+            "commit": _pinned(entry) or None,
+            "detail": hub["repo"] + (f" (`{hub['subfolder']}`)" if hub.get("subfolder") else ""),
+        }
+    if "demo" in src:
+        spec = ", ".join(f"{k} {v}" for k, v in sorted(src["demo"].items()))
+        return {
+            "kind": "demo",
+            "repo": None,
+            "subfolder": None,
+            "revision": None,
+            "commit": None,
+            "detail": f"generated demo ({spec})",
+        }
+    if "path" in src:
+        return {
+            "kind": "path",
+            "repo": None,
+            "subfolder": None,
+            "revision": None,
+            "commit": None,
+            "detail": f"local folder `{Path(src['path']).name}`",
+        }
+    return {
+        "kind": "unknown",
+        "repo": None,
+        "subfolder": None,
+        "revision": None,
+        "commit": None,
+        "detail": "–",
+    }
+
+
+def render_recipe(cell_dir: Path, spec: dict[str, Any]) -> str:
+    """The cell's rendered mergekit recipe, local paths replaced by checkpoint names.
+
+    The base's path becomes its Hub repo id (or its name); each adapter's baked
+    checkpoint becomes ``<base>+<adapter>``.
+    """
+    cell_dir = Path(cell_dir)
+    recipe = cell_dir / "recipe.yaml"
+    text = recipe.read_text() if recipe.is_file() else ""
+    prov_path = cell_dir / "provenance.json"
+    inputs = json.loads(prov_path.read_text()).get("inputs", {}) if prov_path.is_file() else {}
+    base = spec["base"]
+    base_src = describe_source(base)
+    labels = {}
+    if "base" in inputs:
+        labels[inputs["base"]["path"]] = base_src["repo"] or base["name"]
+    for a in spec["adapters"]:
+        if f"model:{a['name']}" in inputs:
+            labels[inputs[f"model:{a['name']}"]["path"]] = f"{base['name']}+{a['name']}"
+    for path in sorted(labels, key=len, reverse=True):  # longest first: no prefix clashes
+        text = text.replace(path, labels[path])
+    return text
+
+
+def _n_shot(path: Path) -> dict[str, int]:
+    data = json.loads(Path(path).read_text())
+    return {k: v for k, v in (data.get("n-shot") or {}).items() if isinstance(v, int)}
+
+
+def cell_scores(
+    scores: Path, baseline: Path | None, metrics: list[str] | None, baseline_name: str | None
+) -> dict[str, Any]:
+    """The cell's chosen metrics, the baseline's and the Δs, as the receipt's ``summary``.
+
+    ``{"metrics": [{"task", "key", "column", "value", "baseline", "delta",
+    "lower_is_better", "num_fewshot"}], "baseline": name or None, "mean_delta": float or
+    None}``; ``mean_delta`` counts lower-is-better metrics negated (positive is a gain).
+    """
+    evals = {0: read_eval(Path(scores))}
+    if baseline is not None and Path(baseline).is_file():
+        evals[1] = read_eval(Path(baseline))
+    columns = choose_columns(evals, metrics)
+    shots = _n_shot(Path(scores))
+    out = []
+    for task, key in columns:
+        value = evals[0].scores.get(task, {}).get(key)
+        ref = evals[1].scores.get(task, {}).get(key) if 1 in evals else None
+        lower = (task, key) in evals[0].lower_better
+        out.append(
+            {
+                "task": task,
+                "key": key,
+                "column": column_name(task, key),
+                "value": value,
+                "baseline": ref,
+                "delta": (value - ref) if value is not None and ref is not None else None,
+                "lower_is_better": lower,
+                "num_fewshot": shots.get(task),
+            }
+        )
+    deltas = [(-m["delta"] if m["lower_is_better"] else m["delta"]) for m in out]
+    mean = (sum(deltas) / len(deltas)) if deltas and None not in deltas else None
+    return {"metrics": out, "baseline": baseline_name if 1 in evals else None, "mean_delta": mean}
+
+
+def _eval_results(summary: dict[str, Any]) -> list:
+    from huggingface_hub import EvalResult
+
+    results = []
+    for m in summary["metrics"]:
+        if m["value"] is None:
+            continue
+        metric, _, filt = m["key"].partition(",")
+        results.append(
+            EvalResult(
+                task_type=PIPELINE,
+                dataset_type=m["task"],
+                dataset_name=m["task"],
+                dataset_args={"num_fewshot": m["num_fewshot"]}
+                if m["num_fewshot"] is not None
+                else None,
+                metric_type=metric,
+                metric_name=m["column"],
+                metric_value=float(m["value"]),
+                metric_config=filt or None,
+            )
+        )
+    return results
+
+
+def _loading_snippet(repo: str, path_in_repo: str) -> str:
+    return "\n".join(
+        [
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo}", subfolder="{path_in_repo}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}", subfolder="{path_in_repo}")',
+            "```",
+        ]
+    )
+
+
+def _commit_cell(commit: str | None) -> str:
+    return f"`{commit[:12]}`" if commit else "–"
+
+
+def build_cell_card(cell_dir: Path, spec: dict[str, Any], summary: dict[str, Any]):
+    """The :class:`~huggingface_hub.ModelCard` of one cell.
+
+    ``spec`` (from the workflow): ``repo``, ``path_in_repo``, ``cell`` (``size``,
+    ``variant``, ``group``, ``method``), ``base`` and ``adapters`` (``{"name", "source",
+    "dir"}``), ``license``, ``languages``, ``private``; ``summary`` from
+    :func:`cell_scores`.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    cell, repo, path = spec["cell"], spec["repo"], spec["path_in_repo"]
+    base = describe_source(spec["base"])
+    results = _eval_results(summary)
+    data = ModelCardData(
+        base_model=base["repo"],
+        tags=[*TAGS, cell["method"]],
+        library_name=LIBRARY,
+        pipeline_tag=PIPELINE,
+        language=list(spec.get("languages") or []) or None,
+        license=spec.get("license"),
+        model_name=f"{repo}/{path}" if results else None,
+        eval_results=results or None,
+    )
+    adapters = spec["adapters"]
+    lines = [
+        f"# {path}",
+        "",
+        f"`{cell['group']}` ({' + '.join(a['name'] for a in adapters)}) merged with "
+        f"`{cell['method']}` into the {cell['size']}-{cell['variant']} base: each LoRA "
+        "adapter is baked into the base (W' = W + scale·B·A), the result is normalised to "
+        "the text-only causal-LM layout, and the baked checkpoints are merged with "
+        "[mergekit](https://github.com/arcee-ai/mergekit). Built by mergebake; one folder "
+        f"of [{repo}]({hub_url(repo)}).",
+        "",
+        "## Loading",
+        "",
+        _loading_snippet(repo, path),
+        "",
+    ]
+    if spec.get("private"):
+        lines += ["The repo is private: log in first (`hf auth login`, or set `HF_TOKEN`).", ""]
+    lines += ["## Sources", ""]
+    rows = [
+        [
+            "base",
+            base["detail"],
+            f"`{base['revision']}`" if base["revision"] else "–",
+            _commit_cell(base["commit"]),
+        ]
+    ]
+    for a in adapters:
+        s = describe_source(a)
+        rows.append(
+            [
+                f"adapter `{a['name']}`",
+                s["detail"],
+                f"`{s['revision']}`" if s["revision"] else "–",
+                _commit_cell(s["commit"]),
+            ]
+        )
+    lines += md_table(["role", "source", "revision", "commit"], rows, ["l", "l", "l", "l"])
+    lines += ["", "## Evaluation", ""]
+    ref = summary.get("baseline")
+    if summary["metrics"]:
+        ref_label = (
+            ("the base model" if ref == BASE_NAME else f"the base + `{ref}` adapter")
+            if ref
+            else None
+        )
+        lines.append(
+            "lm-eval scores in each metric's own units (acc: fraction correct, 0-1)"
+            + (
+                f"; Δ is this cell minus {ref_label} (`{ref}` row of the report), same units."
+                if ref
+                else "; no baseline scores, so no Δ."
+            )
+        )
+        lines.append("")
+        rows = [
+            [
+                m["task"],
+                m["key"].replace(",none", ""),
+                str(m["num_fewshot"]) if m["num_fewshot"] is not None else "–",
+                _fmt(m["value"]),
+                _fmt(m["baseline"]),
+                _fmt(m["delta"], signed=True),
+            ]
+            for m in summary["metrics"]
+        ]
+        lines += md_table(
+            ["task", "metric", "n-shot", "this cell", f"baseline ({ref or '–'})", "Δ"],
+            rows,
+            ["l", "l", "r", "r", "r", "r"],
+        )
+        if summary.get("mean_delta") is not None:
+            lines += ["", f"Mean Δ over these metrics: {_fmt(summary['mean_delta'], True)}."]
+    else:
+        lines.append("No scores.")
+    recipe = render_recipe(cell_dir, spec)
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        f"The rendered mergekit recipe (`{cell['method']}`); `{spec['base']['name']}+"
+        "<adapter>` stands for the base with that adapter baked in.",
+        "",
+        "```yaml",
+        recipe.rstrip("\n"),
+        "```",
+        "",
+    ]
+    body = "\n".join(lines)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def build_repo_card(
+    rows: list[dict[str, Any]],
+    *,
+    repo: str,
+    license: str | None = None,
+    languages: list[str] | None = None,
+    base_models: list[str] | None = None,
+    private: bool = False,
+):
+    """The repo-level README: the grid table with a link to every cell and its commit.
+
+    ``rows``: one per cell, ``{"path_in_repo", "size", "variant", "group", "method",
+    "commit", "summary"}`` (``summary`` from :func:`cell_scores`, as kept in the receipt).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    rows = sorted(
+        rows,
+        key=lambda r: (
+            natural_key(r["size"]),
+            natural_key(r["variant"]),
+            natural_key(r["group"]),
+            natural_key(r["method"]),
+        ),
+    )
+    methods = sorted({r["method"] for r in rows}, key=natural_key)
+    data = ModelCardData(
+        base_model=sorted(set(base_models or [])) or None,
+        tags=[*TAGS, *methods],
+        library_name=LIBRARY,
+        pipeline_tag=PIPELINE,
+        language=list(languages or []) or None,
+        license=license,
+    )
+    columns: list[str] = []
+    for r in rows:
+        for m in (r.get("summary") or {}).get("metrics", []):
+            if m["column"] not in columns:
+                columns.append(m["column"])
+    baselines = sorted({(r.get("summary") or {}).get("baseline") or "–" for r in rows})
+    table = []
+    for r in rows:
+        vals = {m["column"]: m for m in (r.get("summary") or {}).get("metrics", [])}
+        cells = []
+        for c in columns:
+            m = vals.get(c)
+            cells.append(
+                "–"
+                if m is None
+                else _fmt(m["value"])
+                + (f" ({_fmt(m['delta'], True)})" if m["delta"] is not None else "")
+            )
+        mean = (r.get("summary") or {}).get("mean_delta")
+        commit = r.get("commit")
+        table.append(
+            [
+                f"[{r['path_in_repo']}]({hub_url(repo, r['path_in_repo'])})",
+                r["method"],
+                r["group"],
+                *cells,
+                _fmt(mean, True),
+                f"[`{commit[:12]}`]({commit_url(repo, commit)})" if commit else "–",
+            ]
+        )
+    example = rows[0]["path_in_repo"] if rows else "<size>-<variant>/<group>__<method>"
+    lines = [
+        f"# {repo.split('/')[-1]}",
+        "",
+        f"{len(rows)} merged checkpoint(s), one folder per cell of a size × variant × adapter "
+        "group × merge method grid: LoRA adapters baked into their base, merged with "
+        "[mergekit](https://github.com/arcee-ai/mergekit) and scored with lm-eval, built "
+        "and published by mergebake. Each folder is a complete text-only causal-LM "
+        "checkpoint with its own model card (recipe, sources, scores).",
+        "",
+        "## Cells",
+        "",
+        "Scores are lm-eval metric values (acc: fraction correct, 0-1); in brackets the Δ "
+        f"against the baseline row of the same base ({', '.join(baselines)}).",
+        "",
+    ]
+    lines += md_table(
+        ["cell", "method", "group", *columns, "mean Δ", "commit"],
+        table,
+        ["l", "l", "l", *["r"] * (len(columns) + 1), "l"],
+    )
+    lines += ["", "## Loading", "", _loading_snippet(repo, example), ""]
+    if private:
+        lines += ["The repo is private: log in first (`hf auth login`, or set `HF_TOKEN`).", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def load_spec(text: str) -> dict[str, Any]:
+    """Parse a card spec given as JSON (or ``@FILE``)."""
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MergebakeError(f"--card: not valid JSON ({e})") from e
+    for key in ("cell", "base", "adapters"):
+        if key not in spec:
+            raise MergebakeError(f"--card: missing {key!r}")
+    return spec

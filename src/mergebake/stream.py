@@ -1,0 +1,925 @@
+"""Engine ``stream``: bake a LoRA adapter into its base tensor by tensor, never loading the model.
+
+PEFT's default ``merge_and_unload`` is the specification, reproduced operation for
+operation (the same torch ops in the same order, on tensors of the same dtypes and
+layouts), so every output tensor is bit-identical to PEFT's on the same machine:
+
+- LoRA on a linear layer: ``W += transpose(B @ A, fan_in_fan_out) * scale`` with ``A``,
+  ``B`` in fp32 (PEFT's ``autocast_adapter_dtype`` holds bf16/fp16 adapters in fp32), the
+  fp32 delta added in place to the stored dtype, so the sum is rounded once;
+- LoRA on an embedding: ``W += (B @ A).T * scale`` cast to ``W``'s dtype first (PEFT's
+  ``Embedding.merge``: rounded twice);
+- DoRA (``use_dora``): ``W = (m / ||W + ΔW||) * (W + ΔW)``, the norm row-wise as in
+  PEFT's ``DoraLinearLayer.get_weight_norm`` (``DoraEmbeddingLayer`` for embeddings);
+- ``lora_bias``: ``b += lora_B.bias * scale``;
+- scale ``α/r`` or ``α/√r`` (``use_rslora``), ``r`` and ``α`` looked up in
+  ``rank_pattern``/``alpha_pattern`` with PEFT's ``get_pattern_key``; ``fan_in_fan_out``
+  is what PEFT makes of it: true for ``Conv1D`` layers (GPT-2), false for ``nn.Linear``;
+- whole tensors the adapter carries replace the base's: ``modules_to_save`` copies (a
+  new tensor, so a tied head or embedding saved this way unties, as in PEFT, and the
+  config says ``tie_word_embeddings: false``) and the ``base_layer`` copies PEFT saves
+  beside an embedding LoRA (loaded into the shared tensor, which stays tied).
+
+I/O: each base shard is written to an output shard of the same name, tensors in the same
+order with the same header (and metadata) unless a tensor is added. Tensors nothing
+touches are copied in the kernel (``copy_file_range``) and a shard nothing touches is
+hard-linked; the others are read with ``pread`` into a reused buffer, changed in place
+and written with ``pwrite`` at their final offsets, by one worker thread per torch
+thread (torch single-threaded inside each), beside a thread doing the kernel copies.
+Memory is a few tensors, whatever the size of the model; no file is memory-mapped.
+Every check (options the engine does not reproduce, ranks, biases, shapes) runs in
+:func:`plan_stream`, before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import struct
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import MergebakeError
+from .outputs import link_or_copy
+
+log = logging.getLogger(__name__)
+
+# safetensors dtype string -> torch dtype name (resolved lazily: importing this module
+# must stay cheap for the CLI).
+_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# transformers model types whose projections are Conv1D (weights stored [in, out]); PEFT
+# forces fan_in_fan_out=True on those and False on nn.Linear, whatever the config says.
+CONV1D_MODULES: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn", "c_proj", "c_fc", "q_attn"),
+    "imagegpt": ("c_attn", "c_proj", "c_fc", "q_attn"),
+    "decision_transformer": ("c_attn", "c_proj", "c_fc", "q_attn"),
+    "openai-gpt": ("c_attn", "c_proj", "c_fc"),
+}
+# LoraConfig options that change what a merge computes in ways this engine does not
+# reproduce: (field, value that is fine).
+UNSUPPORTED = (
+    ("layer_replication", None),
+    ("trainable_token_indices", None),
+    ("target_parameters", None),
+    ("use_bdlora", None),
+    ("alora_invocation_tokens", None),
+    ("arrow_config", None),
+    ("velora_config", None),
+    ("monteclora_config", None),
+    ("kasa_config", None),
+    ("use_qalora", False),
+    ("megatron_config", None),
+)
+# init_lora_weights values after which the adapter is a plain LoRA on the unchanged base.
+# PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA and MiCA change the base weights when PEFT loads the
+# adapter (or add a merge variant), so their result is not W + scale * B @ A.
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+BLOCK_ELEMENTS = 256 * 1024  # elementwise ops run on row blocks of about 1 MB of fp32
+MAX_WORKERS = 4  # tensors baked at once ...
+WORKER_MEMORY = 2 * 1024**3  # ... within about this many bytes of buffers
+
+
+# ---------------------------------------------------------------------------------------
+# safetensors files, read with pread (no mmap: mapped pages would count as our memory)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a safetensors file: dtype string, shape and data byte range."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # relative to the start of the data section
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class SafetensorsFile:
+    """A safetensors file's parsed header: entries in data order, metadata, raw header."""
+
+    path: Path
+    header: bytes  # the 8-byte length and the JSON header, exactly as stored
+    entries: dict[str, Entry]
+    metadata: dict[str, str] | None
+
+    @property
+    def data_start(self) -> int:
+        return len(self.header)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> SafetensorsFile:
+        """Parse the header of ``path``; :class:`MergebakeError` naming it when unreadable."""
+        path = Path(path)
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n <= 0 or 8 + n > size:
+                    raise ValueError(f"header length {n} does not fit in {size} bytes")
+                raw = fh.read(n)
+            header = json.loads(raw)
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            raise MergebakeError(
+                f"{path}: not a readable safetensors file ({e}); re-download or re-save it"
+            ) from e
+        metadata = header.pop("__metadata__", None)
+        entries = {}
+        data_len = size - 8 - n
+        for name, spec in header.items():
+            start, end = spec["data_offsets"]
+            if end > data_len or start > end:
+                raise MergebakeError(
+                    f"{path}: tensor {name!r} lies outside the file's data "
+                    "(truncated?); re-download or re-save it"
+                )
+            entries[name] = Entry(spec["dtype"], tuple(spec["shape"]), start, end)
+        entries = dict(sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].end)))
+        return cls(path, struct.pack("<Q", n) + raw, entries, metadata)
+
+
+def _torch_dtype(code: str):
+    import torch
+
+    try:
+        return getattr(torch, _DTYPES[code])
+    except KeyError as e:
+        raise MergebakeError(
+            f"safetensors dtype {code!r} is not supported by the stream engine"
+        ) from e
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise MergebakeError(f"unexpected end of file reading {len(view)} bytes at {offset}")
+        done += n
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _copy_range(src: int, dst: int, count: int, src_off: int, dst_off: int) -> None:
+    """Copy ``count`` bytes between files in the kernel; plain reads/writes where it cannot."""
+    while count > 0:
+        try:
+            n = os.copy_file_range(src, dst, count, src_off, dst_off)
+        except OSError:
+            n = 0
+        if n <= 0:
+            break
+        count, src_off, dst_off = count - n, src_off + n, dst_off + n
+    chunk = 64 * 1024 * 1024
+    while count > 0:
+        data = os.pread(src, min(chunk, count), src_off)
+        if not data:
+            raise MergebakeError("unexpected end of file while copying")
+        _pwrite_all(dst, memoryview(data), dst_off)
+        count, src_off, dst_off = count - len(data), src_off + len(data), dst_off + len(data)
+
+
+class TensorReader:
+    """Read single tensors from safetensors files with ``pread`` into fresh, writable tensors."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, tuple[int, SafetensorsFile]] = {}
+
+    def file(self, path: Path) -> SafetensorsFile:
+        if path not in self._files:
+            st = SafetensorsFile.open(path)
+            self._files[path] = (os.open(path, os.O_RDONLY), st)
+        return self._files[path][1]
+
+    def read(self, path: Path, name: str, buffer=None):
+        """Tensor ``name`` of file ``path``: a new tensor, or a view of the uint8 tensor
+        ``buffer`` (at least as large) when given. Nothing stays mapped."""
+        import torch
+
+        st = self.file(path)
+        fd = self._files[path][0]
+        e = st.entries[name]
+        if buffer is None:
+            buf = torch.empty(e.nbytes, dtype=torch.uint8)
+        else:
+            buf = buffer[: e.nbytes]
+        if e.nbytes:
+            _pread_into(fd, memoryview(buf.numpy()), st.data_start + e.start)
+        return buf.view(_torch_dtype(e.dtype)).reshape(e.shape)
+
+    def close(self) -> None:
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch ops single- or ``n``-threaded inside the block, then restore the setting.
+
+    Small tensors on a busy machine are much faster without OpenMP's barriers.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def nonfinite_tensors(path: Path) -> list[str]:
+    """Names of the floating tensors in the safetensors file ``path`` holding NaN or Inf.
+
+    Reads one tensor at a time, so memory stays at the largest tensor. A finite sum
+    proves a tensor finite (NaN and Inf propagate); only a tensor whose sum is not is
+    checked element by element (its sum may merely overflow).
+    """
+    import torch
+
+    bad = []
+    with TensorReader() as reader, torch_threads(1):
+        for name, e in reader.file(path).entries.items():
+            if e.dtype not in FLOAT_DTYPES:
+                continue
+            t = reader.read(path, name)
+            if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+                bad.append(name)
+    return bad
+
+
+# ---------------------------------------------------------------------------------------
+# the plan: which operations change which tensor
+
+
+@dataclass
+class LoraOp:
+    """One adapted module's contribution to one base tensor, as PEFT's ``merge`` does it.
+
+    ``kind``: ``linear`` (also Conv1D, with ``fan_in_fan_out``), ``embedding`` or
+    ``bias`` (``lora_bias``: ``b += lora_B.bias * scale``). ``magnitude`` names the DoRA
+    magnitude vector when the module uses DoRA.
+    """
+
+    module: str
+    kind: str
+    scale: float
+    a: str | None = None
+    b: str | None = None
+    fan_in_fan_out: bool = False
+    magnitude: str | None = None
+
+
+@dataclass
+class Storage:
+    """One tensor as the merged model holds it: where its starting value comes from
+    (``("base", disk name)`` or ``("adapter", key)``) and the merge operations, in order."""
+
+    source: tuple[str, str]
+    dtype: str
+    shape: tuple[int, ...]
+    ops: list[LoraOp] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return self.source[0] != "base" or bool(self.ops)
+
+
+@dataclass
+class StreamPlan:
+    """Everything the stream engine will do, decided (and checked) before any write."""
+
+    base: Path
+    adapter_file: Path
+    shards: list[SafetensorsFile]
+    # disk name -> the storage whose final value is written under it
+    outputs: dict[str, Storage]
+    # tensors the output gains (an untied head): disk name -> (shard file name, storage)
+    added: dict[str, tuple[str, Storage]]
+    config_patch: dict[str, Any]
+    index: dict[str, Any] | None
+
+    @property
+    def lora_ops(self) -> int:
+        seen = {id(s): s for s in list(self.outputs.values()) + [s for _, s in self.added.values()]}
+        return sum(len(s.ops) for s in seen.values())
+
+
+def get_pattern_key(pattern_keys: Any, key_to_match: str) -> str:
+    """PEFT's ``peft.utils.other.get_pattern_key``: the first pattern that ends ``key``."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", key_to_match):
+            return key
+    return key_to_match
+
+
+def module_scale(config: Mapping[str, Any], module: str) -> tuple[int, Any, float]:
+    """``(r, alpha, scale)`` PEFT gives ``module`` (``rank_pattern``, ``alpha_pattern``, rsLoRA)."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", 8))
+    alpha = alpha_pattern.get(
+        get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", 8)
+    )
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return r, alpha, scale
+
+
+def is_conv1d(base_config: Mapping[str, Any], module: str) -> bool:
+    """Whether ``module`` of a model with ``base_config`` is a ``Conv1D`` (GPT-2 family)."""
+    names = CONV1D_MODULES.get(str(base_config.get("model_type")), ())
+    return module.rsplit(".", 1)[-1] in names
+
+
+def unsupported_options(config: Mapping[str, Any]) -> list[str]:
+    """LoraConfig options set to values this engine does not reproduce, as ``name=value``."""
+    out = [
+        f"{k}={config[k]!r}"
+        for k, ok in UNSUPPORTED
+        if config.get(k) not in (ok, None, False, {}, [])
+    ]
+    init = config.get("init_lora_weights", True)
+    if init not in PLAIN_INITS:
+        out.append(f"init_lora_weights={init!r}")
+    return out
+
+
+def _split(key: str) -> tuple[str, str | None, str]:
+    from .bake import _split_key
+
+    return _split_key(key)
+
+
+def plan_stream(base: Path, adapter: Path, plan: Any) -> StreamPlan:
+    """Decide every operation of the bake from headers and configs; raise before any write.
+
+    ``plan`` is :func:`mergebake.bake.preflight`'s :class:`AdapterPlan`: its ``runtime``
+    maps the loaded model's parameter names to disk names, ``tied`` the tied head's entry
+    (``lm_head.weight`` -> the embedding). Raises :class:`MergebakeError` for options
+    the engine does not reproduce, a rank that disagrees with the config, ``lora_bias`` on
+    a layer without bias (PEFT cannot merge that either), and LoRA on a convolution.
+    """
+    from .checkpoint import INDEX_NAME, weight_files
+
+    config, base_config = plan.config, plan.base_config
+    runtime, tied_alias = plan.runtime, plan.tied
+    cfg_path = adapter / "adapter_config.json"
+    bad = unsupported_options(config)
+    if bad:
+        raise MergebakeError(
+            f"{cfg_path}: {', '.join(bad)} is not supported by the stream engine (the merge "
+            "would not be W + scale * B @ A of this base); use bake.engine: peft"
+        )
+    if plan.weights.suffix != ".safetensors":
+        raise MergebakeError(
+            f"{plan.weights}: the stream engine reads safetensors adapters only; "
+            "re-save the adapter with safe_serialization=True or use "
+            "bake.engine: peft"
+        )
+    shards = [SafetensorsFile.open(f) for f in weight_files(base)]
+    disk: dict[str, tuple[SafetensorsFile, Entry]] = {}
+    for st in shards:
+        for name, e in st.entries.items():
+            disk[name] = (st, e)
+    shapes = plan.shapes  # adapter tensor -> shape
+
+    storages: dict[str, Storage] = {
+        n: Storage(("base", n), e.dtype, e.shape) for n, (_, e) in disk.items()
+    }
+    slots: dict[str, Storage] = {}  # runtime parameter name -> storage (tied ones share)
+
+    def slot(param: str) -> Storage:
+        if param not in slots:
+            slots[param] = storages[runtime[param]]
+        return slots[param]
+
+    # 1. load: whole tensors the adapter carries (PEFT loads them before merging)
+    tie_both = bool(config.get("ensure_weight_tying"))
+    groups: dict[str, dict[str, str]] = {}
+    for key in plan.keys:
+        module, marker, param = _split(key)
+        if marker is None:
+            groups.setdefault(module.replace(".base_layer.", "."), {})[key] = module
+    for param, keys in sorted(groups.items()):
+        for key, module in keys.items():
+            st = slot(param)
+            if ".base_layer." in module or module.endswith(".base_layer"):
+                st.source = ("adapter", key)  # loaded into the module's own (shared) tensor
+            else:  # modules_to_save: a copy of the module, loaded, replaces the original
+                new = Storage(("adapter", key), st.dtype, st.shape)
+                if tie_both and param in _tied_pair(tied_alias, runtime):
+                    for p in _tied_pair(tied_alias, runtime):
+                        slots[p] = new
+                else:
+                    slots[param] = new
+
+    # 2. merge: LoRA modules in model order (the embedding before the tied head)
+    lora: dict[str, dict[str, str]] = {}
+    for key in plan.keys:
+        module, marker, param = _split(key)
+        if marker is not None:
+            lora.setdefault(module, {})[
+                marker if param in ("weight", "") else f"{marker}.{param}"
+            ] = key
+    order = sorted(lora, key=lambda m: (m + ".weight" in tied_alias, m))
+    problems: list[str] = []
+    for module in order:
+        parts = lora[module]
+        weight_param = module + ".weight"
+        target = slot(weight_param)
+        if len(target.shape) != 2:
+            problems.append(
+                f"{module}: LoRA on a {len(target.shape)}-d weight (a convolution?) "
+                "is not supported by the stream engine"
+            )
+            continue
+        embedding = "lora_embedding_A" in parts
+        a = parts.get("lora_embedding_A" if embedding else "lora_A")
+        b = parts.get("lora_embedding_B" if embedding else "lora_B")
+        r, _, scale = module_scale(config, module)
+        if shapes[a][0] != r:
+            problems.append(
+                f"{module}: lora_A has rank {shapes[a][0]} but "
+                f"adapter_config.json gives r={r} (r / rank_pattern)"
+            )
+            continue
+        magnitude = parts.get("lora_magnitude_vector")
+        if bool(config.get("use_dora")) != (magnitude is not None):
+            problems.append(
+                f"{module}: use_dora is {bool(config.get('use_dora'))} but the "
+                f"adapter {'has' if magnitude else 'lacks'} a lora_magnitude_vector"
+            )
+            continue
+        fan = False if embedding else is_conv1d(base_config, module)
+        target.ops.append(
+            LoraOp(module, "embedding" if embedding else "linear", scale, a, b, fan, magnitude)
+        )
+        bias_key = parts.get("lora_B.bias")
+        if bias_key is not None:
+            if module + ".bias" not in runtime:
+                problems.append(
+                    f"{module}: lora_bias is set but the base layer has no bias "
+                    "(PEFT cannot merge this either)"
+                )
+                continue
+            slot(module + ".bias").ops.append(LoraOp(module, "bias", scale, b=bias_key))
+    if problems:
+        raise MergebakeError(
+            f"{plan.weights}: cannot bake: {'; '.join(problems[:5])}"
+            + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+        )
+    if config.get("fan_in_fan_out") and not any(is_conv1d(base_config, m) for m in lora):
+        log.info(
+            "%s: fan_in_fan_out is set but the targets are nn.Linear layers; PEFT ignores "
+            "it there, and so does the stream engine",
+            cfg_path,
+        )
+
+    # 3. what is written under which name
+    outputs: dict[str, Storage] = {}
+    for param, name in runtime.items():
+        if param in tied_alias:
+            continue
+        outputs[name] = slot(param)
+    added: dict[str, tuple[str, Storage]] = {}
+    config_patch: dict[str, Any] = {}
+    for alias, embed_disk in tied_alias.items():
+        embed_params = [p for p, n in runtime.items() if n == embed_disk and p not in tied_alias]
+        if embed_params and slot(alias) is not slot(embed_params[0]):
+            head = alias  # the name save_pretrained gives an untied head (also multimodal)
+            shard = disk[embed_disk][0].path.name
+            added[head] = (shard, slot(alias))
+            config_patch["tie_word_embeddings"] = False
+            msg = (
+                f"{plan.weights}: the adapter replaces the tied {alias} or its embedding "
+                f"(modules_to_save), which unties them as in PEFT; the output gets "
+                f"{head} and tie_word_embeddings: false"
+            )
+            log.warning(msg)
+            warnings.warn(msg, stacklevel=3)
+    index = None
+    if (base / INDEX_NAME).is_file():
+        index = json.loads((base / INDEX_NAME).read_text())
+    return StreamPlan(base, plan.weights, shards, outputs, added, config_patch, index)
+
+
+def _tied_pair(tied_alias: Mapping[str, str], runtime: Mapping[str, str]) -> list[str]:
+    out = []
+    for alias, embed in tied_alias.items():
+        out.append(alias)
+        out += [p for p, n in runtime.items() if n == embed and p not in tied_alias]
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# the arithmetic: PEFT's merge, op for op
+
+
+def _t(weight, fan_in_fan_out: bool):
+    """PEFT's ``transpose``."""
+    return weight.T if fan_in_fan_out else weight
+
+
+def apply_op(weight, op: LoraOp, tensors: Mapping[str, Any], scratch=None):
+    """Apply one merge operation to ``weight`` (in place where PEFT works in place).
+
+    ``tensors`` holds the op's adapter tensors already in fp32 on ``weight``'s device;
+    ``scratch``, an fp32 tensor of at least ``weight.numel()`` elements, receives the
+    plain-LoRA delta instead of a fresh allocation (page faults cost more than the
+    matmul). Returns the new weight (a new tensor for DoRA, as PEFT assigns
+    ``weight.data``).
+    """
+    import torch
+
+    if op.kind == "bias":
+        weight += tensors[op.b] * op.scale
+        return weight
+    a, b = tensors[op.a], tensors[op.b]
+    if op.kind == "embedding":
+        delta = _t(b @ a, True) * op.scale  # Embedding.get_delta_weight
+        if op.magnitude is None:
+            weight += delta.to(weight.dtype)  # Embedding.merge: cast, then add
+            return weight
+        # DoraEmbeddingVariant.merge_unsafe
+        base_weight = weight.detach().clone()
+        norm_in = _t(base_weight, True)  # DoraEmbeddingLayer(fan_in_fan_out=True)
+        norm_in = norm_in + 1 * delta.T
+        weight_norm = _linalg_norm(norm_in).to(norm_in.dtype)
+        dora_factor = tensors[op.magnitude] / weight_norm
+        dora_factor = dora_factor.view(1, -1)
+        return (dora_factor * (weight + delta)).to(weight.dtype)
+    fan = op.fan_in_fan_out
+    if op.magnitude is None:  # Linear.merge, vanilla LoRA: W += delta (fp32, rounded once)
+        rows, cols = b.shape[0], a.shape[1]
+        if scratch is not None and scratch.numel() >= rows * cols:
+            delta = torch.matmul(b, a, out=scratch[: rows * cols].view(rows, cols))
+        else:
+            delta = b @ a
+        if fan:
+            delta.mul_(op.scale)  # the same values as PEFT's out-of-place `* scaling`
+            weight += delta.T
+            return weight
+        # The same elementwise ops on row blocks that stay in cache: scale the delta, add
+        # it in place to the stored weight (computed in fp32, rounded once).
+        step = max(1, BLOCK_ELEMENTS // max(1, cols))
+        for i in range(0, rows, step):
+            block = delta[i : i + step]
+            block.mul_(op.scale)
+            weight[i : i + step] += block
+        return weight
+    # DoraLinearVariant.merge_unsafe
+    delta = _t(b @ a, fan) * op.scale
+    base_weight = weight.detach().clone()
+    norm_in = _t(base_weight, fan)  # DoraLinearLayer.get_weight_norm
+    norm_in = norm_in + 1 * _t(delta, fan)
+    weight_norm = _linalg_norm(norm_in).to(norm_in.dtype)
+    dora_factor = tensors[op.magnitude] / weight_norm
+    dora_factor = _t(dora_factor.view(-1, 1), fan)
+    return (dora_factor * (weight + delta)).to(weight.dtype)
+
+
+def _linalg_norm(x):
+    import torch
+
+    return torch.linalg.norm(x, dim=1)
+
+
+# ---------------------------------------------------------------------------------------
+# execution
+
+
+@dataclass
+class _Job:
+    """One output tensor that needs computing: where it goes and how it is made."""
+
+    name: str
+    storage: Storage
+    fd: int  # output file
+    offset: int  # absolute offset in the output file
+    nbytes: int
+
+
+def _header_bytes(
+    entries: Mapping[str, tuple[str, tuple[int, ...], int, int]], metadata: Mapping[str, str] | None
+) -> bytes:
+    """A safetensors header (length + JSON padded to 8 bytes) for ``entries`` in order."""
+    header: dict[str, Any] = {}
+    if metadata is not None:
+        header["__metadata__"] = dict(metadata)
+    for name, (dtype, shape, start, end) in entries.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, end]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _shard_layout(
+    st: SafetensorsFile, added: Mapping[str, Storage]
+) -> tuple[bytes, dict[str, int]]:
+    """Header bytes and each tensor's data offset (relative to the data section)."""
+    if not added:
+        return st.header, {n: e.start for n, e in st.entries.items()}
+    entries = {n: (e.dtype, e.shape, e.start, e.end) for n, e in st.entries.items()}
+    end = max((e.end for e in st.entries.values()), default=0)
+    for name, s in added.items():
+        n = DTYPE_SIZE[s.dtype]
+        for d in s.shape:
+            n *= d
+        entries[name] = (s.dtype, s.shape, end, end + n)
+        end += n
+    return _header_bytes(entries, st.metadata), {n: v[2] for n, v in entries.items()}
+
+
+DTYPE_SIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+
+
+def worker_count(threads: int, jobs: list[_Job]) -> tuple[int, int]:
+    """``(workers, torch threads per worker)`` for ``threads`` CPU threads.
+
+    One single-threaded worker per thread, at most :data:`MAX_WORKERS`, and no more than
+    fit in :data:`WORKER_MEMORY` (each holds its largest tensor and an fp32 delta of it);
+    threads left over go to torch inside each worker.
+    """
+    biggest = max(
+        (j.nbytes + 4 * (j.nbytes // DTYPE_SIZE[j.storage.dtype]) for j in jobs), default=1
+    )
+    workers = max(1, min(threads, MAX_WORKERS, WORKER_MEMORY // max(1, biggest)))
+    return workers, max(1, threads // workers)
+
+
+class _Workers:
+    """Bake the jobs on a few threads, each reading, computing and writing whole tensors.
+
+    Every worker owns one byte buffer (``pread`` lands there, the weight is changed in
+    place and ``pwrite`` sends it out) and one fp32 scratch buffer for the delta, both
+    reused from tensor to tensor: memory is a few tensors whatever the size of the model,
+    and no page is faulted in twice. On the CPU, torch runs single-threaded inside each
+    worker (one worker per torch thread, see :func:`worker_count`): independent tensors
+    in parallel need no barriers, which keeps the bake fast on a busy machine where
+    OpenMP's would stall.
+    """
+
+    def __init__(self, splan: StreamPlan, device: str) -> None:
+        self.splan = splan
+        self.device = device
+        self._disk = {n: (st, e) for st in splan.shards for n, e in st.entries.items()}
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._readers: list[TensorReader] = []
+
+    def _state(self):
+        import torch
+
+        local = self._local
+        if not hasattr(local, "reader"):
+            local.reader = TensorReader()
+            local.buffer = torch.empty(0, dtype=torch.uint8)
+            local.scratch = None
+            with self._lock:
+                self._readers.append(local.reader)
+        return local
+
+    def _one(self, job: _Job) -> None:
+        import torch
+
+        local = self._state()
+        if local.buffer.numel() < job.nbytes:
+            local.buffer = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            local.buffer = torch.empty(job.nbytes, dtype=torch.uint8)
+        src, key = job.storage.source
+        if src == "base":
+            weight = local.reader.read(self._disk[key][0].path, key, local.buffer)
+        else:  # load_state_dict's copy_ into the module's dtype
+            weight = local.reader.read(self.splan.adapter_file, key)
+            weight = weight.to(_torch_dtype(job.storage.dtype))
+        tensors = {}
+        for op in job.storage.ops:
+            for k in (op.a, op.b, op.magnitude):
+                if k is not None and k not in tensors:
+                    tensors[k] = local.reader.read(self.splan.adapter_file, k).to(torch.float32)
+        if job.storage.ops:
+            if self.device == "cpu":
+                if local.scratch is None or local.scratch.numel() < weight.numel():
+                    local.scratch = None
+                    local.scratch = torch.empty(weight.numel(), dtype=torch.float32)
+                for op in job.storage.ops:
+                    weight = apply_op(weight, op, tensors, local.scratch)
+            else:
+                weight = weight.to(self.device)
+                tensors = {k: v.to(self.device) for k, v in tensors.items()}
+                for op in job.storage.ops:
+                    weight = apply_op(weight, op, tensors)
+                weight = weight.cpu()
+        data = weight.contiguous().reshape(-1).view(torch.uint8)
+        if data.numel() != job.nbytes:
+            raise MergebakeError(
+                f"{job.name}: computed {data.numel()} bytes, expected {job.nbytes}"
+            )
+        _pwrite_all(job.fd, memoryview(data.numpy()), job.offset)
+
+    def run(self, jobs: list[_Job]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        threads = torch.get_num_threads()
+        workers, intra = worker_count(threads, jobs) if self.device == "cpu" else (2, threads)
+        torch.set_num_threads(intra)
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="bake") as pool:
+                # consume in order so that the first error is raised and the rest cancelled
+                futures = [pool.submit(self._one, job) for job in jobs]
+                try:
+                    for f in futures:
+                        f.result()
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+        finally:
+            torch.set_num_threads(threads)
+            for reader in self._readers:
+                reader.close()
+
+
+def run_stream(splan: StreamPlan, out: Path, *, device: str = "cpu") -> dict[str, Any]:
+    """Write the baked checkpoint of ``splan`` into the (empty, temporary) folder ``out``.
+
+    Returns ``{"shards_written", "shards_linked", "tensors_changed", "tensors_added",
+    "lora_ops", "bytes", "device"}``.
+    """
+    t0 = time.perf_counter()
+    added_by_shard: dict[str, dict[str, Storage]] = {}
+    for name, (shard, s) in splan.added.items():
+        added_by_shard.setdefault(shard, {})[name] = s
+    jobs: list[_Job] = []
+    copies: list[tuple[int, int, int, int, int]] = []  # (src fd, dst fd, count, src, dst)
+    fds: list[int] = []
+    linked = written = 0
+    total = 0
+    try:
+        for st in splan.shards:
+            added = added_by_shard.get(st.path.name, {})
+            changed = {n for n in st.entries if splan.outputs[n].changed}
+            total += sum(e.nbytes for e in st.entries.values())
+            if not changed and not added:
+                link_or_copy(st.path, out / st.path.name)
+                linked += 1
+                continue
+            written += 1
+            header, offsets = _shard_layout(st, added)
+            src = os.open(st.path, os.O_RDONLY)
+            fds.append(src)
+            dst = os.open(out / st.path.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fds.append(dst)
+            _pwrite_all(dst, memoryview(header), 0)
+            base = len(header)
+            run: list[int] | None = None  # pending copy [src offset, dst offset, count]
+            for name, e in st.entries.items():
+                if name in changed:
+                    jobs.append(
+                        _Job(name, splan.outputs[name], dst, base + offsets[name], e.nbytes)
+                    )
+                    if run:
+                        copies.append((src, dst, run[2], run[0], run[1]))
+                    run = None
+                    continue
+                s_off, d_off = st.data_start + e.start, base + offsets[name]
+                if run and run[0] + run[2] == s_off and run[1] + run[2] == d_off:
+                    run[2] += e.nbytes
+                else:
+                    if run:
+                        copies.append((src, dst, run[2], run[0], run[1]))
+                    run = [s_off, d_off, e.nbytes]
+            if run:
+                copies.append((src, dst, run[2], run[0], run[1]))
+            for name, s in added.items():
+                n = DTYPE_SIZE[s.dtype] * math.prod(s.shape)
+                jobs.append(_Job(name, s, dst, base + offsets[name], n))
+                total += n
+        # kernel copies of the untouched ranges run beside the compute
+        copier_error: list[BaseException] = []
+
+        def copy_all() -> None:
+            try:
+                for c in copies:
+                    _copy_range(*c)
+            except BaseException as e:
+                copier_error.append(e)
+
+        copier = threading.Thread(target=copy_all, name="bake-copy", daemon=True)
+        copier.start()
+        try:
+            _Workers(splan, device).run(jobs)
+        finally:
+            copier.join()
+        if copier_error:
+            raise copier_error[0]
+    finally:
+        for fd in fds:
+            os.close(fd)
+    _write_index(splan, out, total)
+    summary = {
+        "shards_written": written,
+        "shards_linked": linked,
+        "tensors_changed": sum(1 for j in jobs if j.name not in splan.added),
+        "tensors_added": len(splan.added),
+        "lora_ops": splan.lora_ops,
+        "bytes": total,
+        "device": device,
+    }
+    log.info("stream bake: %s in %.2fs", summary, time.perf_counter() - t0)
+    return summary
+
+
+def _write_index(splan: StreamPlan, out: Path, total: int) -> None:
+    from .checkpoint import INDEX_NAME
+    from .outputs import write_json
+
+    if splan.index is None:
+        return
+    index = dict(splan.index)
+    if splan.added:
+        weight_map = dict(index.get("weight_map") or {})
+        for name, (shard, _) in splan.added.items():
+            weight_map[name] = shard
+        metadata = dict(index.get("metadata") or {})
+        if "total_size" in metadata:
+            metadata["total_size"] = total
+        if "total_parameters" in metadata:
+            metadata["total_parameters"] = int(metadata["total_parameters"]) + sum(
+                math.prod(s.shape) for _, s in splan.added.values()
+            )
+        index = {**index, "metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+        write_json(out / INDEX_NAME, index)
+    else:
+        (out / INDEX_NAME).write_bytes((splan.base / INDEX_NAME).read_bytes())
+
+
+__all__ = [
+    "LoraOp",
+    "SafetensorsFile",
+    "Storage",
+    "StreamPlan",
+    "TensorReader",
+    "apply_op",
+    "get_pattern_key",
+    "is_conv1d",
+    "module_scale",
+    "nonfinite_tensors",
+    "plan_stream",
+    "run_stream",
+    "torch_threads",
+    "unsupported_options",
+    "worker_count",
+]

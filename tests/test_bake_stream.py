@@ -1,0 +1,516 @@
+"""The stream bake engine: every output tensor bit-identical to PEFT, whatever the LoraConfig.
+
+The reference is PEFT itself: ``PeftModel.from_pretrained(base).merge_and_unload()`` then
+``save_pretrained``; the stream output's files are compared tensor by tensor with
+``torch.equal`` (names, dtypes, values), and loaded with the base's class with no missing
+or unexpected keys. Tiny real models (Llama untied, Qwen2 tied with q/k/v biases, Gemma-3
+text, Gemma-3 multimodal, GPT-2 with Conv1D) in bf16, fp16 and fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from _models import (
+    load_model,
+    make_gemma3_mm,
+    make_gemma3_text,
+    make_gpt2,
+    make_llama,
+    make_lora,
+    make_qwen2,
+    peft_merged,
+)
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mergebake import MergebakeError
+from mergebake import device as device_mod
+from mergebake.bake import ENGINES, bake, bake_device
+
+ARCHS = {
+    "llama": make_llama,
+    "qwen2": make_qwen2,
+    "gemma3": make_gemma3_text,
+    "gemma3-mm": make_gemma3_mm,
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ATTN, MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
+# LoraConfig variants of the parity matrix: with and without each option.
+VARIANTS = {
+    "plain": dict(target_modules=("q_proj", "v_proj")),
+    # regex rank/alpha patterns, rsLoRA, all-linear (vision tower too), a saved module
+    "rich": dict(
+        target_modules="all-linear",
+        use_rslora=True,
+        r=4,
+        alpha=6,
+        rank_pattern={"v_proj": 6, r"layers\.1\.mlp\.down_proj": 2},
+        alpha_pattern={r"layers\.1\..*": 3},
+        modules_to_save=["norm"],
+    ),
+    # LoRA on the input embedding (tied to the head in Qwen2 and Gemma-3)
+    "embedding": dict(target_modules=("embed_tokens", "o_proj", "up_proj"), r=3, alpha=5),
+    # DoRA on linear layers and the embedding
+    "dora": dict(target_modules=("embed_tokens", "q_proj", "down_proj"), use_dora=True),
+}
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """Lazily built tiny bases, one per (architecture, dtype), shared by the module."""
+    root = tmp_path_factory.mktemp("bases")
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(arch: str, dtype: str = "bf16", **kwargs) -> Path:
+        key = (arch, dtype, *sorted(kwargs.items()))
+        if key not in cache:
+            name = "-".join(str(k) for k in key).replace("/", "")
+            maker = {**ARCHS, "gpt2": make_gpt2}[arch]
+            cache[key] = maker(root / name, DTYPES[dtype], **kwargs)
+        return cache[key]
+
+    return get
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def peft_reference(base: Path, adapter: Path, out: Path) -> dict[str, torch.Tensor]:
+    """PEFT's merge_and_unload + save_pretrained, read back from its files."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_merged(base, adapter).save_pretrained(out)
+    return tensors(out)
+
+
+def assert_like_peft(base: Path, adapter: Path, tmp: Path, **bake_kwargs) -> dict:
+    """Bake with the stream engine; every tensor equals PEFT's; the output loads cleanly."""
+    out = tmp / "stream"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = bake(base, adapter, out, engine="stream", **bake_kwargs)
+    want = peft_reference(base, adapter, tmp / "peft")
+    got = tensors(out)
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype, name
+        assert torch.equal(got[name], t), f"{name} differs from PEFT"
+    cls = type(load_model(base))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, info = cls.from_pretrained(out, dtype="auto", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    summary["_model"] = model
+    return summary
+
+
+def changed(base: Path, out: Path) -> set[str]:
+    before, after = tensors(base), tensors(out)
+    return {k for k in after if k not in before or not torch.equal(before[k], after[k])}
+
+
+def lora_kwargs(variant: str, arch: str) -> dict:
+    kw = dict(VARIANTS[variant])
+    if arch == "llama" and variant == "embedding":
+        kw["target_modules"] = (*kw["target_modules"], "lm_head")  # untied head
+    return kw
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stream_bit_identical_to_peft(bases, tmp_path, arch, dtype, variant):
+    base = bases(arch, dtype)
+    adapter = make_lora(base, tmp_path / "lora", **lora_kwargs(variant, arch))
+    summary = assert_like_peft(base, adapter, tmp_path)
+    assert summary["engine"] == "stream" and summary["device"] == "cpu"
+    assert summary["shards_written"] == 1 and summary["tensors_added"] == 0
+    touched = changed(base, tmp_path / "stream")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    targets = cfg["target_modules"]
+    expect = {
+        "plain": lambda k: k.endswith(("q_proj.weight", "v_proj.weight")),
+        # all-linear (SigLIP's too); modules_to_save "norm" matches every *norm (PEFT)
+        "rich": lambda k: k.endswith(
+            tuple(f"{m}.weight" for m in ATTN + MLP)
+            + ("fc1.weight", "fc2.weight", "out_proj.weight", "norm.weight", "norm.bias")
+        ),
+        "embedding": lambda k: k.endswith(
+            ("embed_tokens.weight", "o_proj.weight", "up_proj.weight", "lm_head.weight")
+        ),
+        "dora": lambda k: k.endswith(("embed_tokens.weight", "q_proj.weight", "down_proj.weight")),
+    }[variant]
+    assert touched and all(expect(k) for k in touched), sorted(k for k in touched if not expect(k))
+    assert summary["lora_ops"] == summary["modules_changed"], targets
+    if variant == "rich":  # modules_to_save=["norm"]: the final norm is the adapter's copy
+        assert any(k.endswith("model.norm.weight") for k in touched)
+    # the output is the base's layout: same shard files, same header metadata, same config
+    assert sorted(p.name for p in (tmp_path / "stream").glob("*.safetensors")) == sorted(
+        p.name for p in base.glob("*.safetensors")
+    )
+    with (
+        safe_open(base / "model.safetensors", "pt") as a,
+        safe_open(tmp_path / "stream" / "model.safetensors", "pt") as b,
+    ):
+        assert a.metadata() == b.metadata() and list(a.keys()) == list(b.keys())
+    assert (tmp_path / "stream" / "config.json").read_bytes() == (base / "config.json").read_bytes()
+
+
+def test_rank_and_alpha_patterns_decide_scale(bases, tmp_path):
+    """rank_pattern gives v_proj rank 6; alpha_pattern gives layer 1 alpha 3 (regex keys)."""
+    from mergebake.stream import module_scale
+
+    cfg = {
+        "r": 4,
+        "lora_alpha": 6,
+        "use_rslora": True,
+        "rank_pattern": {"v_proj": 6},
+        "alpha_pattern": {r"layers\.1\..*": 3},
+    }
+    assert module_scale(cfg, "model.layers.0.self_attn.v_proj") == (6, 6, 6 / 6**0.5)
+    assert module_scale(cfg, "model.layers.1.self_attn.q_proj") == (4, 3, 3 / 2)
+    assert module_scale({**cfg, "use_rslora": False}, "model.layers.0.mlp.up_proj")[2] == 1.5
+    base = bases("llama")
+    adapter = make_lora(base, tmp_path / "lora", **VARIANTS["rich"])
+    shapes = {k: v.shape for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+    assert shapes["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"][0] == 6
+    assert shapes["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"][0] == 2
+
+
+def test_lora_bias_and_trained_base_biases(bases, tmp_path):
+    """lora_bias adds lora_B.bias * scale to the base bias; bias='all' saves base biases."""
+    base = bases("qwen2")
+    adapter = make_lora(
+        base, tmp_path / "a" / "lora", target_modules=("q_proj", "k_proj"), lora_bias=True
+    )
+    assert_like_peft(base, adapter, tmp_path / "a")
+    assert any(k.endswith("q_proj.bias") for k in changed(base, tmp_path / "a" / "stream"))
+    adapter = make_lora(
+        base, tmp_path / "b" / "lora", target_modules=("q_proj", "o_proj"), bias="all"
+    )
+    assert_like_peft(base, adapter, tmp_path / "b")
+
+
+def test_lora_bias_without_base_bias_is_refused_like_peft(bases, tmp_path):
+    base = bases("llama")
+    adapter = make_lora(base, tmp_path / "lora", target_modules=("q_proj",), lora_bias=True)
+    with pytest.raises(RuntimeError, match="lora_bias=True"):  # PEFT cannot merge it either
+        peft_merged(base, adapter)
+    with pytest.raises(
+        MergebakeError,
+        match=r"q_proj: lora_bias is set but the base layer "
+        r"has no bias",
+    ):
+        bake(base, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_conv1d_fan_in_fan_out_dora_and_bias(bases, tmp_path, dtype):
+    """GPT-2's Conv1D stores W as [in, out]: PEFT forces fan_in_fan_out=True there."""
+    base = bases("gpt2", dtype)
+    a = make_lora(
+        base, tmp_path / "a" / "lora", target_modules=("c_attn", "c_fc", "c_proj"), lora_bias=True
+    )  # fan_in_fan_out left False: PEFT flips it, so do we
+    assert_like_peft(base, a, tmp_path / "a")
+    d = make_lora(
+        base,
+        tmp_path / "d" / "lora",
+        target_modules=("c_attn", "wte", "lm_head"),
+        use_dora=True,
+        fan_in_fan_out=True,
+    )
+    assert_like_peft(base, d, tmp_path / "d")
+
+
+def test_linear_ignores_fan_in_fan_out_like_peft(bases, tmp_path):
+    base = bases("llama")
+    adapter = make_lora(base, tmp_path / "lora", target_modules=("q_proj",), fan_in_fan_out=True)
+    assert_like_peft(base, adapter, tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gemma3-mm", "qwen2"])
+def test_tied_head_lora_lands_in_the_shared_embedding(bases, tmp_path, arch):
+    """LoRA on the tied lm_head and on the embedding both change the one shared tensor,
+    embedding first (PEFT's module order); the output stays tied."""
+    base = bases(arch)
+    adapter = make_lora(
+        base, tmp_path / "lora", target_modules=("q_proj", "embed_tokens", "lm_head")
+    )
+    summary = assert_like_peft(base, adapter, tmp_path)
+    assert summary["tensors_added"] == 0
+    assert not any("lm_head" in k for k in tensors(tmp_path / "stream"))
+
+
+def test_untied_multimodal_head_in_the_wrapped_layout(bases, tmp_path):
+    """transformers 5 stores an untied Gemma-3 head as language_model.lm_head.weight; the
+    adapter calls it lm_head (the loaded model's name)."""
+    base = bases("gemma3-mm", tie=False)
+    assert "language_model.lm_head.weight" in tensors(base)
+    adapter = make_lora(
+        base, tmp_path / "lora", target_modules=("q_proj", "lm_head"), use_dora=True
+    )
+    assert_like_peft(base, adapter, tmp_path)
+    assert "language_model.lm_head.weight" in changed(base, tmp_path / "stream")
+
+
+@pytest.mark.parametrize(
+    "arch,saved",
+    [
+        ("gemma3", ["lm_head"]),
+        ("gemma3-mm", ["lm_head"]),
+        ("gemma3", ["embed_tokens"]),
+        ("qwen2", ["embed_tokens", "lm_head"]),
+    ],
+)
+def test_modules_to_save_on_a_tied_head_unties_it_like_peft(bases, tmp_path, arch, saved):
+    """A saved copy of the tied head (or its embedding) is a new tensor in PEFT: the output
+    gets lm_head.weight and tie_word_embeddings: false, and loads with the saved values."""
+    base = bases(arch)
+    adapter = make_lora(base, tmp_path / "lora", target_modules=("q_proj",), modules_to_save=saved)
+    summary = assert_like_peft(base, adapter, tmp_path)
+    assert summary["tensors_added"] == 1 and summary["config_changed"] == {
+        "tie_word_embeddings": False
+    }
+    config = json.loads((tmp_path / "stream" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    peft_config = json.loads((tmp_path / "peft" / "config.json").read_text())
+    assert peft_config["tie_word_embeddings"] is False
+    head = tensors(tmp_path / "stream")["lm_head.weight"]
+    assert torch.equal(summary["_model"].lm_head.weight, head)  # loaded untied, as saved
+    if saved == ["lm_head"]:
+        lora = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+        assert torch.equal(head, lora["base_model.model.lm_head.weight"])
+
+
+def test_modules_to_save_with_ensure_weight_tying_stays_tied(bases, tmp_path):
+    base = bases("gemma3")
+    adapter = make_lora(
+        base,
+        tmp_path / "lora",
+        target_modules=("q_proj",),
+        modules_to_save=["embed_tokens"],
+        ensure_weight_tying=True,
+    )
+    summary = assert_like_peft(base, adapter, tmp_path)
+    assert summary["tensors_added"] == 0 and "config_changed" not in summary
+
+
+def test_target_regex_and_layers_to_transform(bases, tmp_path):
+    base = bases("gemma3")
+    a = make_lora(
+        base, tmp_path / "a" / "lora", target_modules=r".*layers\.1\.(self_attn|mlp)\.(q|up)_proj"
+    )
+    assert_like_peft(base, a, tmp_path / "a")
+    assert sorted(changed(base, tmp_path / "a" / "stream")) == [
+        "model.layers.1.mlp.up_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+    ]
+    b = make_lora(
+        base, tmp_path / "b" / "lora", target_modules=("q_proj", "v_proj"), layers_to_transform=[1]
+    )
+    assert_like_peft(base, b, tmp_path / "b")
+    assert all(".layers.1." in k for k in changed(base, tmp_path / "b" / "stream"))
+
+
+def test_bf16_adapter_file_is_held_in_fp32_like_peft(bases, tmp_path):
+    """An adapter saved in bf16 is loaded into fp32 LoRA weights (autocast_adapter_dtype)."""
+    base = bases("gemma3")
+    adapter = make_lora(
+        base, tmp_path / "lora", target_modules=("q_proj", "embed_tokens"), use_dora=True
+    )
+    f = adapter / "adapter_model.safetensors"
+    save_file(
+        {k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, f, metadata={"format": "pt"}
+    )
+    assert_like_peft(base, adapter, tmp_path)
+
+
+def test_sharded_base_gives_sharded_output(bases, tmp_path):
+    """Shards keep their names and metadata, untouched ones are linked, the index is kept."""
+    base = bases("gemma3", max_shard_size="40KB")
+    shards = sorted(p.name for p in base.glob("*.safetensors"))
+    assert len(shards) > 3
+    adapter = make_lora(
+        base, tmp_path / "lora", target_modules=("q_proj",), layers_to_transform=[0]
+    )
+    summary = assert_like_peft(base, adapter, tmp_path)
+    out = tmp_path / "stream"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    assert summary["shards_linked"] >= 1 and summary["shards_written"] >= 1
+    linked = [s for s in shards if os.path.samefile(base / s, out / s)]
+    assert len(linked) == summary["shards_linked"]
+    index = "model.safetensors.index.json"
+    assert (out / index).read_bytes() == (base / index).read_bytes()
+    for s in shards:
+        with safe_open(base / s, "pt") as a, safe_open(out / s, "pt") as b:
+            assert a.metadata() == b.metadata() and list(a.keys()) == list(b.keys())
+
+
+def test_sharded_untied_head_is_added_to_the_index(bases, tmp_path):
+    base = bases("gemma3", max_shard_size="40KB")
+    adapter = make_lora(
+        base, tmp_path / "lora", target_modules=("q_proj",), modules_to_save=["lm_head"]
+    )
+    assert_like_peft(base, adapter, tmp_path)
+    index = json.loads((tmp_path / "stream" / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["lm_head.weight"]
+    assert shard == index["weight_map"]["model.embed_tokens.weight"]
+    with safe_open(tmp_path / "stream" / shard, "pt") as fh:
+        assert "lm_head.weight" in fh.keys()
+    total = sum(t.numel() * t.element_size() for t in tensors(tmp_path / "stream").values())
+    assert index["metadata"]["total_size"] == total
+
+
+@pytest.mark.parametrize(
+    "option,value,named",
+    [
+        ("init_lora_weights", "pissa", "init_lora_weights='pissa'"),
+        ("trainable_token_indices", [3, 5], "trainable_token_indices=[3, 5]"),
+    ],
+)
+def test_refuses_options_it_does_not_reproduce(bases, tmp_path, option, value, named):
+    base = bases("gemma3")
+    adapter = make_lora(base, tmp_path / "lora", target_modules=("q_proj",), **{option: value})
+    out = tmp_path / "out"
+    with pytest.raises(
+        MergebakeError,
+        match=rf"adapter_config\.json: {re.escape(named)} is not "
+        r"supported "
+        r"by the stream engine.*bake\.engine: peft",
+    ):
+        bake(base, adapter, out)
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_refuses_rank_that_disagrees_with_the_config(bases, tmp_path):
+    base = bases("gemma3")
+    adapter = make_lora(base, tmp_path / "lora", target_modules=("q_proj",))
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["rank_pattern"] = {"q_proj": 8}
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        MergebakeError,
+        match=r"q_proj: lora_A has rank 4 but "
+        r"adapter_config\.json gives r=8",
+    ):
+        bake(base, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_stream_output_is_byte_identical_on_rebuild(bases, tmp_path):
+    base = bases("gemma3-mm")
+    adapter = make_lora(base, tmp_path / "lora", target_modules="all-linear")
+    for name in ("a", "b"):
+        bake(base, adapter, tmp_path / name)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_bake_device_choices(monkeypatch):
+    monkeypatch.setattr(
+        device_mod, "cuda_problem", lambda index=0: "torch.cuda.is_available() is False"
+    )
+    assert bake_device("cpu") == "cpu" and bake_device(None) == "cpu"
+    assert bake_device("auto") == "cpu"  # no CUDA at all: quietly the CPU
+    with pytest.raises(MergebakeError, match=r"bake device 'tpu'"):
+        bake_device("tpu")
+    monkeypatch.setattr(device_mod, "cuda_problem", lambda index=0: None)
+    assert bake_device("cuda:1") == "cuda:1" and bake_device("auto") == "cuda"
+
+
+def test_cuda_not_usable_falls_back_to_cpu_with_a_warning(bases, tmp_path, monkeypatch):
+    problem = "RuntimeError: CUDA error: CUDA-capable device(s) is/are busy or unavailable"
+    monkeypatch.setattr(device_mod, "cuda_problem", lambda index=0: problem)
+    base = bases("gemma3")
+    adapter = make_lora(base, tmp_path / "lora", target_modules=("q_proj", "v_proj"))
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"bake device 'cuda': CUDA is not usable "
+        r"\(RuntimeError: CUDA error: .*busy.*\); baking "
+        r"on the CPU instead",
+    ):
+        summary = bake(base, adapter, tmp_path / "gpu", device="cuda")
+    assert summary["device"] == "cpu"
+    bake(base, adapter, tmp_path / "cpu")
+    assert tensors(tmp_path / "gpu").keys() == tensors(tmp_path / "cpu").keys()
+    assert all(
+        torch.equal(tensors(tmp_path / "gpu")[k], v) for k, v in tensors(tmp_path / "cpu").items()
+    )
+
+
+def test_engines_registry_and_peft_engine_agree_on_an_untied_head(bases, tmp_path):
+    """The peft engine keeps PEFT's tie_word_embeddings: false (not the base's config)."""
+    assert set(ENGINES) == {"stream", "peft"}
+    base = bases("gemma3")
+    adapter = make_lora(
+        base, tmp_path / "lora", target_modules=("q_proj",), modules_to_save=["lm_head"]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = bake(base, adapter, tmp_path / "s", engine="stream")
+        p = bake(base, adapter, tmp_path / "p", engine="peft")
+    assert s["config_changed"] == p["config_changed"] == {"tie_word_embeddings": False}
+    got, want = tensors(tmp_path / "s"), tensors(tmp_path / "p")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_pipeline_error_leaves_nothing(bases, tmp_path, monkeypatch):
+    """A failure while writing removes the temporary folder (atomic output)."""
+    import mergebake.stream as stream
+
+    base = bases("gemma3")
+    adapter = make_lora(base, tmp_path / "lora", target_modules=("q_proj",))
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(stream, "_pwrite_all", broken)
+    with pytest.raises(OSError, match="disk full"):
+        bake(base, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+    shutil.rmtree(tmp_path / "lora")
+
+
+def test_device_path_and_worker_layouts_give_the_same_bytes(bases, tmp_path, monkeypatch):
+    """The accelerator code path (tensors moved to the device and back, no scratch buffer),
+    run here on ``cpu:0``, and every worker layout write the same bytes as the default."""
+    import mergebake.stream as stream
+    from mergebake.bake import preflight
+
+    assert stream.worker_count(2, []) == (2, 1) and stream.worker_count(16, []) == (4, 4)
+    base = bases("gemma3-mm", "fp16")
+    adapter = make_lora(
+        base,
+        tmp_path / "lora",
+        target_modules=("q_proj", "embed_tokens", "up_proj"),
+        use_rslora=True,
+    )
+    plan = preflight(base, adapter)
+    runs = {
+        "cpu": ("cpu", None),
+        "device": ("cpu:0", None),
+        "one-worker": ("cpu", 1),
+        "four-workers": ("cpu", 4),
+    }
+    for name, (device, workers) in runs.items():
+        if workers:
+            monkeypatch.setattr(stream, "worker_count", lambda threads, jobs, w=workers: (w, 1))
+        (tmp_path / name).mkdir()
+        stream.run_stream(stream.plan_stream(base, adapter, plan), tmp_path / name, device=device)
+    want = (tmp_path / "cpu" / "model.safetensors").read_bytes()
+    for name in runs:
+        assert (tmp_path / name / "model.safetensors").read_bytes() == want, name
