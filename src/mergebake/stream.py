@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
+from .checkpoint import DTYPE_BYTES
 from .outputs import link_or_copy
 
 log = logging.getLogger(__name__)
@@ -659,28 +660,12 @@ def _shard_layout(
     entries = {n: (e.dtype, e.shape, e.start, e.end) for n, e in st.entries.items()}
     end = max((e.end for e in st.entries.values()), default=0)
     for name, s in added.items():
-        n = DTYPE_SIZE[s.dtype]
+        n = DTYPE_BYTES[s.dtype]
         for d in s.shape:
             n *= d
         entries[name] = (s.dtype, s.shape, end, end + n)
         end += n
     return _header_bytes(entries, st.metadata), {n: v[2] for n, v in entries.items()}
-
-
-DTYPE_SIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
 
 
 def worker_count(threads: int, jobs: list[_Job]) -> tuple[int, int]:
@@ -691,7 +676,7 @@ def worker_count(threads: int, jobs: list[_Job]) -> tuple[int, int]:
     threads left over go to torch inside each worker.
     """
     biggest = max(
-        (j.nbytes + 4 * (j.nbytes // DTYPE_SIZE[j.storage.dtype]) for j in jobs), default=1
+        (j.nbytes + 4 * (j.nbytes // DTYPE_BYTES[j.storage.dtype]) for j in jobs), default=1
     )
     workers = max(1, min(threads, MAX_WORKERS, WORKER_MEMORY // max(1, biggest)))
     return workers, max(1, threads // workers)
@@ -844,7 +829,7 @@ def run_stream(splan: StreamPlan, out: Path, *, device: str = "cpu") -> dict[str
             if run:
                 copies.append((src, dst, run[2], run[0], run[1]))
             for name, s in added.items():
-                n = DTYPE_SIZE[s.dtype] * math.prod(s.shape)
+                n = DTYPE_BYTES[s.dtype] * math.prod(s.shape)
                 jobs.append(_Job(name, s, dst, base + offsets[name], n))
                 total += n
         # kernel copies of the untouched ranges run beside the compute
