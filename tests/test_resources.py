@@ -278,13 +278,17 @@ def test_the_real_grid_is_planned_by_size_and_method(tmp_path):
     assert ev["threads"] == 12
 
 
-def test_device_cuda_asks_the_scheduler_for_gpus(tmp_path):
-    cfg = demo_config() | {"device": "cuda"}
+@pytest.mark.parametrize("bake_device", ["cpu", "cuda"])
+def test_device_cuda_asks_the_scheduler_for_gpus(tmp_path, bake_device):
+    """device: cuda puts merge and eval on a GPU; the bake only with bake.device: cuda."""
+    cfg = demo_config() | {"device": "cuda", "bake": {"device": bake_device}}
     write_config(tmp_path / "config.yaml", cfg)
     jobs = planned(tmp_path, "--cores", "2")
+    gpu_rules = {"merge", "eval_cell", "eval_baseline"} | (
+        {"bake"} if bake_device == "cuda" else set()
+    )
     for j in jobs:
-        uses_gpu = j["rule"] in ("bake", "merge", "eval_cell", "eval_baseline")
-        assert j.get("gpu", 0) == int(uses_gpu), j
+        assert j.get("gpu", 0) == int(j["rule"] in gpu_rules), j
 
 
 def test_set_resources_overrides_a_knob_or_a_figure_per_rule(tmp_path):
@@ -305,5 +309,7 @@ def test_set_resources_overrides_a_knob_or_a_figure_per_rule(tmp_path):
     bake = _one(jobs, "bake", "results/baked/12b-std/eng")
     assert (
         bake["runtime"]
-        == job_resources("bake", estimate("12b"), overrides={"runtime_per_gb": 10})["runtime"]
+        == job_resources(
+            "bake", estimate("12b"), model="bake_stream", overrides={"runtime_per_gb": 10}
+        )["runtime"]
     )
