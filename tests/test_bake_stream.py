@@ -514,3 +514,24 @@ def test_device_path_and_worker_layouts_give_the_same_bytes(bases, tmp_path, mon
     want = (tmp_path / "cpu" / "model.safetensors").read_bytes()
     for name in runs:
         assert (tmp_path / name / "model.safetensors").read_bytes() == want, name
+
+
+def test_a_delta_that_overflows_is_refused_before_it_is_written(tmp_path):
+    """fp16 base + a huge LoRA delta gives Inf: the stream engine refuses it, nothing left."""
+    from _models import make_gemma3_text, make_lora
+    from safetensors.torch import load_file, save_file
+
+    from mergebake import MergebakeError
+    from mergebake.bake import bake
+
+    base = make_gemma3_text(tmp_path / "base", dtype=torch.float16)
+    adapter = make_lora(base, tmp_path / "adapter")
+    f = adapter / "adapter_model.safetensors"
+    t = load_file(f)
+    for k in t:
+        if "lora_B" in k:
+            t[k] = t[k] * 1e6
+    save_file(t, f, metadata={"format": "pt"})
+    with pytest.raises(MergebakeError, match="NaN/Inf after adding the LoRA delta"):
+        bake(base, adapter, tmp_path / "out", engine="stream")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))

@@ -229,3 +229,16 @@ def test_mergekit_merge_of_normalised_checkpoints_verifies(tmp_path):
     )
     verify_after_merge(merged, tmp_path / "text_base")
     assert merged.exists()
+
+
+def test_tokenizer_is_required_only_where_the_reference_has_one(tmp_path):
+    from mergebake.verify import tokenizer_problems
+
+    ref, cand = tmp_path / "ref", tmp_path / "cand"
+    ref.mkdir()
+    cand.mkdir()
+    assert tokenizer_problems(cand, ref) == []
+    (ref / "tokenizer.json").write_text("{}")
+    assert tokenizer_problems(cand, ref) == [
+        "tokenizer: tokenizer.json missing (the reference has it)"
+    ]

@@ -546,13 +546,22 @@ def _write_config(base: Path, tmp: Path, patch: Mapping[str, Any]) -> None:
 
 
 def _verify_baked(
-    tmp: Path, out: Path, base: Path, plan: AdapterPlan, patch: dict[str, Any]
+    tmp: Path,
+    out: Path,
+    base: Path,
+    plan: AdapterPlan,
+    patch: dict[str, Any],
+    *,
+    scan_values: bool = True,
 ) -> None:
     """Verify a bake before it counts as built: the base's tensor names, shapes and dtypes
     (plus ``lm_head.weight`` where the adapter unties the head), its config apart from
-    ``patch``, no NaN/Inf in the tensors the bake wrote, loads with every key matched,
-    tokenizer loads. Unchanged tensors are the base's own bytes and are not re-scanned.
-    Raises :class:`mergebake.verify.VerificationError` naming ``out``."""
+    ``patch``, loads with every key matched (on the meta device: headers only), tokenizer
+    loads, and, with ``scan_values``, no NaN/Inf in the tensors the bake wrote. The stream
+    engine checks each tensor it writes while it is in memory, so it passes
+    ``scan_values=False`` rather than read the checkpoint a second time; unchanged tensors
+    are the base's own bytes either way. Raises
+    :class:`mergebake.verify.VerificationError` naming ``out``."""
     from .verify import (
         VerificationError,
         compare_tensors,
@@ -571,7 +580,8 @@ def _verify_baked(
     ]
     problems += diff_json(read_config(tmp), read_config(base), list(patch))
     written = set(plan.modules.values()) | set(plan.replaced.values()) | (set(cand) - set(ref))
-    problems += nonfinite_tensors({k: v for k, v in cand.items() if k in written})
+    if scan_values:
+        problems += nonfinite_tensors({k: v for k, v in cand.items() if k in written})
     problems += load_problems(tmp) + tokenizer_problems(tmp, base)
     if problems:
         raise VerificationError(out, base, problems)
@@ -634,7 +644,7 @@ def bake(
         }
         if patch:
             summary["config_changed"] = patch
-        _verify_baked(tmp, out, base, plan, patch)
+        _verify_baked(tmp, out, base, plan, patch, scan_values=engine != "stream")
         record = write_provenance(
             tmp,
             step="bake",

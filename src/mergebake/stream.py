@@ -266,6 +266,14 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _finite(t) -> bool:
+    """Whether tensor ``t`` has no NaN/Inf: a finite sum proves it (NaN and Inf propagate);
+    only a tensor whose sum is not finite (it may merely overflow) is checked elementwise."""
+    import torch
+
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def nonfinite_tensors(path: Path) -> list[str]:
     """Names of the floating tensors in the safetensors file ``path`` holding NaN or Inf.
 
@@ -273,15 +281,13 @@ def nonfinite_tensors(path: Path) -> list[str]:
     proves a tensor finite (NaN and Inf propagate); only a tensor whose sum is not is
     checked element by element (its sum may merely overflow).
     """
-    import torch
 
     bad = []
     with TensorReader() as reader, torch_threads(1):
         for name, e in reader.file(path).entries.items():
             if e.dtype not in FLOAT_DTYPES:
                 continue
-            t = reader.read(path, name)
-            if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+            if not _finite(reader.read(path, name)):
                 bad.append(name)
     return bad
 
@@ -745,6 +751,11 @@ class _Workers:
                 for op in job.storage.ops:
                     weight = apply_op(weight, op, tensors)
                 weight = weight.cpu()
+        if job.storage.ops and weight.is_floating_point() and not _finite(weight):
+            raise MergebakeError(
+                f"{job.name}: NaN/Inf after adding the LoRA delta (the base weight or the "
+                "adapter overflows in this dtype); nothing was written"
+            )
         data = weight.contiguous().reshape(-1).view(torch.uint8)
         if data.numel() != job.nbytes:
             raise MergebakeError(
