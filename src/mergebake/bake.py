@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import MergebakeError
-from .checkpoint import PICKLE_SUFFIXES, copy_assets, read_config, tensor_index
+from .checkpoint import PICKLE_SUFFIXES, TOKENIZER_FILES, copy_assets, read_config, tensor_index
 from .normalise import runtime_names, tie_word_embeddings
 from .outputs import atomic_dir, describe_input, write_json, write_provenance
 
@@ -556,8 +556,9 @@ def _verify_baked(
 ) -> None:
     """Verify a bake before it counts as built: the base's tensor names, shapes and dtypes
     (plus ``lm_head.weight`` where the adapter unties the head), its config apart from
-    ``patch``, loads with every key matched (on the meta device: headers only), tokenizer
-    loads, and, with ``scan_values``, no NaN/Inf in the tensors the bake wrote. The stream
+    ``patch``, the base's tokenizer files, and, where the layout differs from the base's,
+    that it loads with every key matched (on the meta device) and its tokenizer loads;
+    with ``scan_values``, no NaN/Inf in the tensors the bake wrote. The stream
     engine checks each tensor it writes while it is in memory, so it passes
     ``scan_values=False`` rather than read the checkpoint a second time; unchanged tensors
     are the base's own bytes either way. Raises
@@ -582,7 +583,17 @@ def _verify_baked(
     written = set(plan.modules.values()) | set(plan.replaced.values()) | (set(cand) - set(ref))
     if scan_values:
         problems += nonfinite_tensors({k: v for k, v in cand.items() if k in written})
-    problems += load_problems(tmp) + tokenizer_problems(tmp, base)
+    if problems or patch or set(cand) != set(ref):
+        # The layout differs from the base's (an untied head): prove it loads. Otherwise
+        # names, shapes, dtypes and config equal the base's, so it loads as the base does,
+        # and the import of transformers (seconds) is saved.
+        problems += load_problems(tmp) + tokenizer_problems(tmp, base)
+    else:  # tokenizer files are the base's bytes: check they are all there
+        problems += [
+            f"tokenizer: {name} missing (the reference has it)"
+            for name in TOKENIZER_FILES
+            if (base / name).is_file() and not (tmp / name).is_file()
+        ]
     if problems:
         raise VerificationError(out, base, problems)
 
