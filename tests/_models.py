@@ -122,6 +122,21 @@ def make_gemma3_mm(
     return _save(model, Path(folder), dtype, seed, **save_kwargs)
 
 
+# The tiny decoder shape shared by the Llama and Qwen2 builders.
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+
+
 def make_llama(
     folder: Path,
     dtype: torch.dtype = torch.float32,
@@ -132,19 +147,7 @@ def make_llama(
     """Save a tiny ``LlamaForCausalLM`` (untied head by default) to ``folder``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-        tie_word_embeddings=tie,
-    )
+    cfg = LlamaConfig(**TINY, tie_word_embeddings=tie)
     torch.manual_seed(seed)
     return _save(LlamaForCausalLM(cfg), Path(folder), dtype, seed, **save_kwargs)
 
@@ -155,19 +158,7 @@ def make_qwen2(
     """Save a tiny ``Qwen2ForCausalLM`` (tied head, biases on q/k/v) to ``folder``."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-        tie_word_embeddings=tie,
-    )
+    cfg = Qwen2Config(**TINY, tie_word_embeddings=tie)
     torch.manual_seed(seed)
     return _save(Qwen2ForCausalLM(cfg), Path(folder), dtype, seed, **save_kwargs)
 

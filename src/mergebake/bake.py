@@ -26,10 +26,10 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from . import MergebakeError
 from .checkpoint import PICKLE_SUFFIXES, TOKENIZER_FILES, copy_assets, read_config, tensor_index
 from .normalise import runtime_names, tie_word_embeddings
-from .outputs import atomic_dir, describe_input, write_json, write_provenance
+from .outputs import atomic_dir, describe_input, write_provenance
 
 log = logging.getLogger(__name__)
 
@@ -512,28 +512,6 @@ def bake_device(requested: str | None = "cpu") -> str:
         return "cpu"
 
 
-class _Describe(threading.Thread):
-    """Hash the inputs for provenance in the background while the engine works."""
-
-    def __init__(self, inputs: Mapping[str, Path]) -> None:
-        super().__init__(name="bake-provenance", daemon=True)
-        self.inputs = inputs
-        self.result: dict[str, Any] = {}
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.result = {k: describe_input(p) for k, p in self.inputs.items()}
-        except BaseException as e:  # re-raised by get()
-            self.error = e
-
-    def get(self) -> dict[str, Any]:
-        self.join()
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
 def _write_config(base: Path, tmp: Path, patch: Mapping[str, Any]) -> None:
     """The base's ``config.json`` byte for byte, or with the top-level keys of ``patch`` set."""
     raw = (base / "config.json").read_bytes()
@@ -638,8 +616,12 @@ def bake(
         strict_base_match=strict_base_match,
     )
     write = ENGINES[engine](base, adapter, plan, trust_remote_code=trust_remote_code, device=dev)
-    described = _Describe({"base": base, "adapter": adapter})
-    described.start()
+    # Hash the inputs for provenance in the background while the engine works.
+    hashing = ThreadPoolExecutor(1, thread_name_prefix="bake-provenance")
+    described = hashing.submit(
+        lambda: {k: describe_input(p) for k, p in (("base", base), ("adapter", adapter))}
+    )
+    hashing.shutdown(wait=False)
     with atomic_dir(out) as tmp:
         extra = write(tmp) or {}
         patch = extra.pop("config_patch", {})
@@ -656,10 +638,11 @@ def bake(
         if patch:
             summary["config_changed"] = patch
         _verify_baked(tmp, out, base, plan, patch, scan_values=engine != "stream")
-        record = write_provenance(
+        write_provenance(
             tmp,
             step="bake",
             inputs={},
+            described=described.result(),
             params={
                 "engine": engine,
                 "lora": plan.essentials,
@@ -669,8 +652,6 @@ def bake(
                 **summary,
             },
         )
-        record["inputs"] = described.get()
-        write_json(tmp / "provenance.json", record)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     log.info("bake %s + %s -> %s: %s", base, adapter, out, summary)
     return summary

@@ -197,16 +197,21 @@ def write_provenance(
     params: Mapping[str, Any] | None = None,
     source: Mapping[str, Any] | None = None,
     seed: int | None = None,
+    described: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write ``provenance.json`` into ``out_dir`` and return what was written.
 
     Records the step, each named input (path + sha256s), the parameters, the command
-    line, the package versions and the seed. No environment variable is recorded, so a
-    token can never leak into it.
+    line, the package versions and the seed. ``described`` adds inputs already described
+    with :func:`describe_input` (e.g. hashed in a background thread while the step ran).
+    No environment variable is recorded, so a token can never leak into it.
     """
     record: dict[str, Any] = {
         "step": step,
-        "inputs": {name: describe_input(p) for name, p in inputs.items()},
+        "inputs": {
+            **{name: describe_input(p) for name, p in inputs.items()},
+            **{name: dict(d) for name, d in (described or {}).items()},
+        },
         "params": dict(params or {}),
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "packages": package_versions(),
