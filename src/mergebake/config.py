@@ -20,7 +20,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from . import MergebakeError
+from . import MergebakeError, methods
 
 # The workflow folder (Snakefile, schemas/, recipes/): this checkout when installed editable,
 # else the working directory; Snakemake passes its own basedir to load_config.
@@ -33,15 +33,9 @@ BASE_ROW = "_base"
 BUILTIN_PLACEHOLDERS = {"base_model", "model", "adapter", "dtype"}
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _INDEXED = re.compile(r"^(model|adapter)_(\d+)$")
+
+
 # Range checks for mergekit parameters that have one (mergekit docs / papers).
-PARAM_RANGES: dict[str, tuple[float, float, bool]] = {
-    # name: (low, high, low_inclusive); high always inclusive
-    "density": (0.0, 1.0, False),  # fraction of task-vector entries kept (TIES, DARE)
-    "t": (0.0, 1.0, True),  # SLERP interpolation factor
-    "epsilon": (0.0, 1.0, True),
-}
-
-
 class ConfigError(MergebakeError):
     """The config is invalid; the message names the key and says what to do."""
 
@@ -230,13 +224,13 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
     for cell in seen:
         groups_of.setdefault(cell.method, set()).add(cell.group)
     for mname, method in config["methods"].items():
-        _check_parameters(mname, method, groups_of.get(mname, set()), config, source)
         recipe = recipe_path(method, mname, recipes_dir)
         if not recipe.is_file():
             raise ConfigError(
                 f"{source}: key 'methods.{mname}.recipe': no recipe file {recipe}; "
                 f"available: {sorted(p.stem for p in recipes_dir.glob('*.yaml'))}"
             )
+        _check_parameters(mname, method, groups_of.get(mname, set()), config, source, recipe)
         for group in sorted(groups_of.get(mname, ())):
             adapters = config["groups"][group]
             try:
@@ -266,7 +260,7 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
 
 
 def _check_parameters(
-    mname: str, method: dict, groups: set[str], config: dict, source: str
+    mname: str, method: dict, groups: set[str], config: dict, source: str, recipe: Path
 ) -> None:
     allowed = {a for g in groups for a in config["groups"][g]}
     for pname, value in method.get("parameters", {}).items():
@@ -281,11 +275,31 @@ def _check_parameters(
                 )
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{source}: key {k!r}: {v} is not a finite number")
-            if pname in PARAM_RANGES and not isinstance(v, bool) and isinstance(v, (int, float)):
-                lo, hi, lo_inc = PARAM_RANGES[pname]
-                if not ((v >= lo if lo_inc else v > lo) and v <= hi):
-                    interval = f"{'[' if lo_inc else '('}{lo:g}, {hi:g}]"
-                    raise ConfigError(f"{source}: key {k!r}: {v} is outside {interval}")
+    spec = methods.get(recipe_method(recipe) or "")
+    if spec is None:
+        return
+    try:
+        methods.check_parameters(spec, method.get("parameters", {}), f"methods.{mname}.parameters")
+    except MergebakeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    lo, hi = spec.adapters
+    for group in sorted(groups):
+        n = len(config["groups"][group])
+        if n < lo or (hi is not None and n > hi):
+            want = f"{lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+            raise ConfigError(
+                f"{source}: key 'methods.{mname}': {spec.name} merges {want} adapter(s) "
+                f"but group {group!r} has {n}; use it with another group"
+            )
+
+
+def recipe_method(recipe: Path) -> str | None:
+    """The ``merge_method`` of a recipe template, or ``None`` if it cannot be read."""
+    try:
+        doc = yaml.safe_load(Path(recipe).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return doc.get("merge_method") if isinstance(doc, dict) else None
 
 
 def recipe_path(
@@ -338,9 +352,11 @@ def render_recipe(
 ) -> dict[str, Any]:
     """Render a mergekit recipe template for one cell.
 
-    ``template`` is a mergekit YAML whose strings may hold ``${name}`` placeholders and an
-    optional top-level ``defaults:`` mapping of parameter defaults (removed from the
-    output). Placeholders: ``base_model`` (path), ``dtype``, every method parameter, and,
+    ``template`` is a mergekit YAML whose strings may hold ``${name}`` placeholders. A
+    parameter's default comes from the method table (:mod:`mergebake.methods`, by the
+    recipe's ``merge_method``), then from an optional top-level ``defaults:`` mapping (for
+    a recipe of one's own; removed from the output), then from ``parameters``.
+    Placeholders: ``base_model`` (path), ``dtype``, every method parameter, and,
     inside a ``models`` entry that uses ``${model}``, ``model``/``adapter`` and per-adapter
     parameters (a parameter given as ``{adapter: value}``) — that entry is repeated once
     per adapter, in group order. ``model_0``, ``adapter_0``, ... address adapters by
@@ -359,7 +375,8 @@ def render_recipe(
         raise ConfigError(f"{template}: not valid YAML: {e}") from e
     if not isinstance(doc, dict) or "merge_method" not in doc:
         raise ConfigError(f"{template}: a recipe is a mergekit YAML with merge_method")
-    defaults = doc.pop("defaults", None) or {}
+    table = methods.get(str(doc["merge_method"]))
+    defaults = {**(table.defaults if table else {}), **(doc.pop("defaults", None) or {})}
     params = {**defaults, **parameters}
     names = list(models)
     scalars = {k: v for k, v in params.items() if not isinstance(v, dict)}

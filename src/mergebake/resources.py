@@ -17,12 +17,12 @@ Per rule (:data:`MODELS`), with ``S`` the checkpoint size in GiB::
     disk_mb = disk_base + disk_per_gb × S
     gpu     = 1 where the step can use one and the config's device is cuda, else 0
 
-``factor`` is 1 except for merges (:data:`METHOD_FACTORS`: TIES/DARE do more work per
-tensor than a linear merge) and evaluation in a wider dtype than the one stored (a bf16
-checkpoint scored in float32 needs twice the memory). ``attempt`` is Snakemake's
-attempt counter: with ``--retries`` a job that died (out of memory or time) is resubmitted
-asking for twice, then three times as much. Normalisation streams one shard at a time, so
-its memory follows the largest weight file, not the whole checkpoint.
+``factor`` is 1 except for merges (the method table's factor, :mod:`mergebake.methods`:
+TIES/DARE do more work per tensor than a linear merge) and evaluation in a wider dtype than
+the one stored (a bf16 checkpoint scored in float32 needs twice the memory). ``attempt`` is
+Snakemake's attempt counter: with ``--retries`` a job that died (out of memory or time) is
+resubmitted asking for twice, then three times as much. Normalisation streams one shard at a
+time, so its memory follows the largest weight file, not the whole checkpoint.
 
 The knobs ``mem_base``, ``mem_per_gb``, ``runtime_base``, ``runtime_per_gb``, ``disk_base``,
 ``disk_per_gb``, ``gb_per_thread`` and ``max_threads`` can be overridden per rule (see
@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from . import MergebakeError
+from . import MergebakeError, methods
 from .checkpoint import DTYPE_BYTES, checkpoint_bytes, read_header, weight_files
 
 GiB = 1024**3
@@ -63,17 +63,6 @@ SHARD_BYTES = 5 * 10**9
 _PARAMS = re.compile(r"^(\d+(?:\.\d+)?)([kmbt])$")
 _SCALE = {"k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
 
-#: Extra work of a merge method relative to linear (memory and runtime of the size term).
-METHOD_FACTORS: dict[str, float] = {
-    "linear": 1.0,
-    "task_arithmetic": 1.0,
-    "slerp": 1.0,
-    "dare_linear": 1.25,
-    "ties": 1.5,
-    "dare_ties": 1.5,
-}
-#: Methods not in :data:`METHOD_FACTORS` get the most expensive factor.
-DEFAULT_METHOD_FACTOR = 1.5
 #: Bytes per parameter of the dtypes lm-eval may load a model in (``auto``: as stored).
 EVAL_DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2}
 
@@ -213,10 +202,11 @@ def measure(folder: str | os.PathLike | None) -> Size | None:
 
 
 def method_factor(method: str | None) -> float:
-    """The merge-method factor of :data:`METHOD_FACTORS` (recipe name)."""
+    """The merge method's factor (recipe name) from the method table,
+    :func:`mergebake.methods.factor`; the largest for a recipe the table does not know."""
     if method is None:
         return 1.0
-    return METHOD_FACTORS.get(method, DEFAULT_METHOD_FACTOR)
+    return methods.factor(method)
 
 
 def dtype_factor(eval_dtype: str | None, size: Size) -> float:
