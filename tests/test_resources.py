@@ -16,6 +16,7 @@ from _workflow import ROOT, demo_config, snakemake, write_config
 from mergebake import MergebakeError
 from mergebake import resources as R
 from mergebake.resources import Size, estimate, job_resources, measure
+from mergebake.safetensors_io import DTYPES
 
 GB = 10**9
 
@@ -27,7 +28,7 @@ def _fake_shard(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> 
     """
     header, offset = {}, 0
     for name, (dtype, shape) in tensors.items():
-        n = R.DTYPE_BYTES[dtype]
+        n = DTYPES[dtype].nbytes
         for d in shape:
             n *= d
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}

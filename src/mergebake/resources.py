@@ -40,7 +40,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from . import MergebakeError
-from .checkpoint import DTYPE_BYTES, checkpoint_bytes, read_header, weight_files
+from .checkpoint import checkpoint_bytes, weight_files
+from .safetensors_io import DTYPES, read_header
 
 GiB = 1024**3
 MiB = 1024**2
@@ -189,7 +190,8 @@ def _bytes_per_param(folder: Path) -> int:
         by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
     if not by_dtype:
         return 2
-    return DTYPE_BYTES.get(max(by_dtype, key=by_dtype.__getitem__), 2)
+    dtype = DTYPES.get(max(by_dtype, key=by_dtype.__getitem__))
+    return dtype.nbytes if dtype else 2
 
 
 def measure(folder: str | os.PathLike | None) -> Size | None:
