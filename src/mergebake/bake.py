@@ -3,8 +3,9 @@
 :func:`preflight` checks the pair from safetensors headers and the (small) adapter
 tensors, read one at a time, before anything heavy is loaded: the base's weights exist and
 are safetensors, the adapter is a readable LoRA adapter whose every target exists in the
-base with compatible shapes, its tensors are finite, and it names the expected base.
-:func:`bake` then dispatches to an engine (:data:`ENGINES`):
+base with compatible shapes, its tensors are finite, and it names the expected base (what
+an adapter means is :mod:`mergebake.lora`). :func:`bake` then dispatches to an engine
+(:data:`ENGINES`):
 
 - ``stream`` (the default, :mod:`mergebake.stream`): reads the base shard by shard and
   tensor by tensor, adds the LoRA deltas with PEFT's arithmetic, op for op, and writes

@@ -130,11 +130,12 @@ class StreamPlan:
 def plan_stream(base: Path, adapter: Path, plan: AdapterPlan) -> StreamPlan:
     """Decide every operation of the bake from headers and configs; raise before any write.
 
-    ``plan`` is :func:`mergebake.bake.preflight`'s :class:`AdapterPlan`: its ``runtime``
-    maps the loaded model's parameter names to disk names, ``tied`` the tied head's entry
-    (``lm_head.weight`` -> the embedding). Raises :class:`MergebakeError` for options
-    the engine does not reproduce, a rank that disagrees with the config, ``lora_bias`` on
-    a layer without bias (PEFT cannot merge that either), and LoRA on a convolution.
+    ``plan`` is the :class:`mergebake.lora.AdapterPlan` that :func:`mergebake.bake.preflight`
+    made: its ``runtime`` maps the loaded model's parameter names to disk names, ``tied``
+    the tied head's entry (``lm_head.weight`` -> the embedding). Raises
+    :class:`MergebakeError` for options the engine does not reproduce, trainable tokens, a
+    rank that disagrees with the config, ``lora_bias`` on a layer without bias (PEFT cannot
+    merge that either), and LoRA on a convolution.
     """
     config, base_config = plan.config, plan.base_config
     runtime, tied_alias = plan.runtime, plan.tied
