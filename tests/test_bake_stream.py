@@ -170,7 +170,7 @@ def test_stream_bit_identical_to_peft(bases, tmp_path, arch, dtype, variant):
 
 def test_rank_and_alpha_patterns_decide_scale(bases, tmp_path):
     """rank_pattern gives v_proj rank 6; alpha_pattern gives layer 1 alpha 3 (regex keys)."""
-    from mergebake.stream import module_scale
+    from mergebake.lora import module_scale
 
     cfg = {
         "r": 4,
@@ -478,7 +478,7 @@ def test_pipeline_error_leaves_nothing(bases, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(stream, "_pwrite_all", broken)
+    monkeypatch.setattr(stream, "pwrite_all", broken)
     with pytest.raises(OSError, match="disk full"):
         bake(base, adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))

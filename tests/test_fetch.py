@@ -220,3 +220,74 @@ def test_cli_fetch_reads_the_pin(tmp_path):
         )
     assert f.call_args.kwargs["commit"] == SHA
     assert f.call_args.kwargs["config_key"] == "adapters.1b-std.eng.hub"
+
+
+def test_fetch_retries_a_transient_failure_with_backoff(tmp_path):
+    """snapshot_download turns a dropped connection into LocalEntryNotFoundError; the
+    fetch backs off (2 s, 4 s) and tries again, and the third attempt lands."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    snapshot, calls, sleeps = fake_cache(tmp_path), [], []
+
+    def flaky(**kw):
+        calls.append(kw["revision"])
+        if len(calls) < 3:
+            raise LocalEntryNotFoundError("cannot reach the Hub") from httpx2.ConnectError("reset")
+        return snapshot(**kw)
+
+    with patch("huggingface_hub.snapshot_download", side_effect=flaky):
+        src = fetch(
+            "org/adapters", "main", tmp_path / "out", subfolder="1b-std/eng", commit=SHA,
+            sleep=sleeps.append,
+        )  # fmt: skip
+    assert calls == [SHA] * 3 and sleeps == [2.0, 4.0]
+    assert src["commit"] == SHA
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "provenance.json",
+    ]
+
+
+def test_fetch_does_not_retry_a_missing_file_and_gives_up_on_a_dead_hub(tmp_path):
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    sleeps = []
+    with patch(
+        "huggingface_hub.snapshot_download",
+        side_effect=_http_error(RemoteEntryNotFoundError, 404),
+    ) as snap:
+        with pytest.raises(
+            MergebakeError,
+            match="^bases.x: Hub repo org/a@.*'nob' not found; check 'subfolder' in the config$",
+        ):
+            fetch(
+                "org/a", "main", tmp_path / "o", subfolder="nob", commit=SHA,
+                config_key="bases.x", sleep=sleeps.append,
+            )  # fmt: skip
+    assert snap.call_count == 1 and sleeps == []
+    with patch(
+        "huggingface_hub.snapshot_download", side_effect=httpx2.ConnectError("down")
+    ) as snap:
+        with pytest.raises(MergebakeError, match="cannot be reached.*gave up after 3 attempts"):
+            fetch("org/a", "main", tmp_path / "o", commit=SHA, retries=3, sleep=sleeps.append)
+    assert snap.call_count == 3 and sleeps == [2.0, 4.0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_pin_retries_a_busy_hub_and_waits_as_long_as_a_rate_limit_says(tmp_path):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api, sleeps = _api(), []
+    limited = httpx2.Response(
+        429,
+        headers={"ratelimit": '"api";r=0;t=55'},
+        request=httpx2.Request("GET", "https://huggingface.co/api/models/org/adapters"),
+    )
+    api.resolve_revision.side_effect = [
+        _http_error(HfHubHTTPError, 503),
+        HfHubHTTPError("429 slow down", response=limited),
+        api.resolve_revision.return_value,
+    ]
+    assert resolve_revision("org/adapters", "main", api=api, sleep=sleeps.append) == SHA
+    assert sleeps == [2.0, 56.0]  # backoff, then the window's reset + 1 s (as http_backoff)

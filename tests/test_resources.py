@@ -17,6 +17,7 @@ from mergebake import MergebakeError
 from mergebake import resources as R
 from mergebake.methods import METHODS
 from mergebake.resources import Size, estimate, job_resources, measure
+from mergebake.safetensors_io import DTYPES
 
 GB = 10**9
 
@@ -28,7 +29,7 @@ def _fake_shard(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> 
     """
     header, offset = {}, 0
     for name, (dtype, shape) in tensors.items():
-        n = R.DTYPE_BYTES[dtype]
+        n = DTYPES[dtype].nbytes
         for d in shape:
             n *= d
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
@@ -123,6 +124,38 @@ def test_estimate_from_the_config(tmp_path):
     total = _twelve_b(tmp_path / "local")
     assert estimate("1b", {"path": str(tmp_path / "local")}).total == total  # measured
     assert estimate("1b", {"path": str(tmp_path / "nope")}).total == 2 * GB
+    assert [estimate(s).basis for s in ("12b", "7b", "small")] == ["table", "parameters", "default"]
+    # a fetched base (``folder``) is measured before anything is guessed
+    assert estimate("12b", {"hub": {"repo": "a/b"}}, folder=tmp_path / "local").total == total
+
+
+def test_the_demo_estimate_bounds_the_largest_demo_base(tmp_path):
+    """DEMO_BYTES is an upper bound of the largest demo base the schema allows (multimodal,
+    8 layers, float32), and not a loose one."""
+    from mergebake.demo import make_base
+
+    make_base(tmp_path / "b", arch="multimodal", num_layers=8, seed=1, dtype="float32")
+    real = measure(tmp_path / "b")
+    assert real.total <= R.DEMO_BYTES < 4 * real.total
+    assert estimate("12b", {"demo": {}}, folder=tmp_path / "b") == real
+
+
+def test_preflight_disk_estimate_uses_the_same_estimator(tmp_path):
+    """The demo grid before anything is built: per base a generated copy, a normalised
+    base and, per adapter (eng, nob), a bake and its normalised copy; one merge per cell
+    (4 bases x 3 methods + 12b x ties); each the size of a demo base, or of the size
+    name for a Hub base."""
+    from mergebake.config import load_config
+    from mergebake.preflight import disk_needed
+
+    config = load_config(write_config(tmp_path / "config.yaml", demo_config()))
+    assert disk_needed(config, tmp_path) == (6 * (1 + 1 + 2 * 2) + 14) * R.DEMO_BYTES
+    config["bases"] = {
+        name: {"hub": {"repo": f"org/{name}", "revision": "main"}} for name in config["bases"]
+    }
+    gb = R.SIZE_BYTES  # 1b, 4b: 6 checkpoints + 3 merges per base; 12b: 6 + 1 (ties)
+    want = 2 * (9 * gb["1b"] + 9 * gb["4b"] + 7 * gb["12b"])
+    assert disk_needed(config, tmp_path) == want
 
 
 def test_a_12b_ties_merge_asks_far_more_than_a_1b_linear_one():

@@ -3,8 +3,9 @@
 :func:`preflight` checks the pair from safetensors headers and the (small) adapter
 tensors, read one at a time, before anything heavy is loaded: the base's weights exist and
 are safetensors, the adapter is a readable LoRA adapter whose every target exists in the
-base with compatible shapes, its tensors are finite, and it names the expected base.
-:func:`bake` then dispatches to an engine (:data:`ENGINES`):
+base with compatible shapes, its tensors are finite, and it names the expected base (what
+an adapter means is :mod:`mergebake.lora`). :func:`bake` then dispatches to an engine
+(:data:`ENGINES`):
 
 - ``stream`` (the default, :mod:`mergebake.stream`): reads the base shard by shard and
   tensor by tensor, adds the LoRA deltas with PEFT's arithmetic, op for op, and writes
@@ -30,186 +31,30 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from . import MergebakeError
-from .checkpoint import PICKLE_SUFFIXES, TOKENIZER_FILES, copy_assets, read_config, tensor_index
+from .checkpoint import TOKENIZER_FILES, copy_assets, read_config, tensor_index
+from .lora import (
+    ADAPTER_CONFIG,
+    AdapterPlan,
+    adapter_shapes_and_nonfinite,
+    adapter_weights_file,
+    check_base_name,
+    check_lora_shapes,
+    group_keys,
+    is_conv1d,
+    read_adapter_config,
+    targets_unmatched,
+)
 from .normalise import runtime_names, tie_word_embeddings
 from .outputs import atomic_dir, describe_input, write_provenance
 
 log = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_PICKLE = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."
-LORA_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 # Input embeddings a tied head shares (Llama/Gemma/Qwen, GPT-2, BLOOM/Falcon-style).
 EMBEDDING_NAMES = ("embed_tokens.weight", ".wte.weight", "word_embeddings.weight")
-# LoraConfig fields worth recording: they decide what the bake computes.
-LORA_ESSENTIALS = (
-    "peft_type",
-    "r",
-    "lora_alpha",
-    "use_rslora",
-    "use_dora",
-    "target_modules",
-    "modules_to_save",
-    "fan_in_fan_out",
-    "rank_pattern",
-    "alpha_pattern",
-    "bias",
-    "layers_to_transform",
-    "base_model_name_or_path",
-    "peft_version",
-)
-
-
-@dataclass
-class AdapterPlan:
-    """What :func:`preflight` learnt about an (base, adapter) pair.
-
-    ``modules`` maps each LoRA-adapted module's parameter path in the loaded model
-    (``model.language_model.layers.0.self_attn.q_proj``) to the base tensor name it
-    changes, as stored on disk (``language_model.model.layers.0.self_attn.q_proj.weight``).
-    ``replaced`` does the same for whole tensors the adapter carries, which PEFT loads over
-    the base's: ``modules_to_save``, and the ``base_layer`` copies PEFT saves beside a LoRA
-    on an embedding (its ``save_embedding_layers``). ``runtime`` maps every parameter name
-    of the loaded model to its disk name (``tied`` holds the tied head's entry,
-    ``lm_head.weight`` -> the embedding); ``shapes`` are the adapter tensors' shapes.
-    """
-
-    config: dict[str, Any]
-    weights: Path
-    keys: list[str]
-    modules: dict[str, str] = field(default_factory=dict)
-    replaced: dict[str, str] = field(default_factory=dict)
-    base_config: dict[str, Any] = field(default_factory=dict)
-    runtime: dict[str, str] = field(default_factory=dict)
-    tied: dict[str, str] = field(default_factory=dict)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-
-    @property
-    def essentials(self) -> dict[str, Any]:
-        """The LoraConfig fields recorded in provenance (JSON-ready)."""
-        out: dict[str, Any] = {k: self.config.get(k) for k in LORA_ESSENTIALS}
-        if isinstance(out["target_modules"], list):
-            out["target_modules"] = sorted(out["target_modules"])
-        return out
-
-
-def read_adapter_config(adapter: Path) -> dict[str, Any]:
-    """``adapter_config.json`` as a dict; :class:`MergebakeError` naming it when absent or bad."""
-    path = adapter / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise MergebakeError(
-            f"{path}: missing; {adapter} is not a PEFT adapter folder (it needs "
-            f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
-        ) from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MergebakeError(f"{path}: not valid JSON ({e}); re-save the adapter") from e
-    if not isinstance(config, dict):
-        raise MergebakeError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise MergebakeError(f"{path}: peft_type is {peft_type!r}; mergebake bakes LORA adapters")
-    return config
-
-
-def adapter_weights_file(adapter: Path, *, allow_pickle: bool) -> Path:
-    """The adapter's weight file: safetensors, or a pickle ``.bin`` only when allowed."""
-    if (adapter / ADAPTER_WEIGHTS).is_file():
-        return adapter / ADAPTER_WEIGHTS
-    pickles = sorted(p.name for p in adapter.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles and not allow_pickle:
-        raise MergebakeError(
-            f"{adapter}: only pickle adapter weights {pickles}; mergebake reads safetensors "
-            "only. Re-save the adapter with safe_serialization=True, or set allow_pickle: true"
-        )
-    if (adapter / ADAPTER_PICKLE).is_file():
-        return adapter / ADAPTER_PICKLE
-    raise MergebakeError(f"{adapter}: no {ADAPTER_WEIGHTS} found")
-
-
-def load_adapter_tensors(path: Path) -> dict[str, Any]:
-    """All adapter tensors: safetensors, or a ``.bin`` read with weights_only."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except Exception as e:  # safetensors raises its own SafetensorError
-            raise MergebakeError(f"{path}: not a readable safetensors file ({e})") from e
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def adapter_shapes_and_nonfinite(path: Path) -> tuple[dict[str, tuple[int, ...]], list[str]]:
-    """Shapes of the adapter's tensors and the names of those holding NaN/Inf.
-
-    A safetensors adapter is read one tensor at a time (memory: its largest tensor); a
-    ``.bin`` one (only with ``allow_pickle``) is loaded whole.
-    """
-    if path.suffix == ".safetensors":
-        from .stream import SafetensorsFile, nonfinite_tensors
-
-        entries = SafetensorsFile.open(path).entries
-        return {k: e.shape for k, e in entries.items()}, nonfinite_tensors(path)
-    import torch
-
-    tensors = load_adapter_tensors(path)
-    bad = [
-        k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
-    ]
-    return {k: tuple(t.shape) for k, t in tensors.items()}, bad
-
-
-def _split_key(key: str) -> tuple[str, str | None, str]:
-    """Split a saved adapter key into ``(module path, LoRA marker or None, parameter)``.
-
-    ``base_model.model.model.layers.0.q_proj.lora_A.weight`` gives
-    ``("model.layers.0.q_proj", "lora_A", "weight")``.
-    """
-    name = key.removeprefix(PEFT_PREFIX)
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part in LORA_MARKERS:
-            return ".".join(parts[:i]), part, ".".join(parts[i + 1 :])
-    return name, None, ""
-
-
-def _check_lora_shapes(
-    base_shape: tuple[int, ...], lora: Mapping[str, tuple], fan_in_fan_out: bool
-) -> str | None:
-    """Why the LoRA tensors of ``module`` cannot apply to a weight of ``base_shape``, or None."""
-    a = lora.get("lora_A") or lora.get("lora_embedding_A")
-    b = lora.get("lora_B") or lora.get("lora_embedding_B")
-    if a is None or b is None:
-        return "has only one of lora_A / lora_B"
-    if len(base_shape) < 2:
-        return f"targets a {len(base_shape)}-d weight {list(base_shape)}"
-    if "lora_embedding_A" in lora:  # Embedding: A [r, num_embeddings], B [dim, r]
-        out_dim, in_dim = base_shape[1], base_shape[0]
-    elif fan_in_fan_out:  # Conv1D stores W as [in, out]
-        out_dim, in_dim = base_shape[1], base_shape[0]
-    else:  # Linear W [out, in]; Conv W [out, in, *kernel]
-        out_dim, in_dim = base_shape[0], base_shape[1]
-    if a[0] != b[1]:
-        return f"lora_A {list(a)} and lora_B {list(b)} disagree on the rank"
-    if a[1] != in_dim or b[0] != out_dim:
-        return (
-            f"lora_A {list(a)} / lora_B {list(b)} do not fit the base weight "
-            f"{list(base_shape)} (in {in_dim}, out {out_dim})"
-        )
-    mag = lora.get("lora_magnitude_vector")
-    if mag is not None and out_dim not in mag:
-        return f"DoRA magnitude {list(mag)} does not fit out features {out_dim}"
-    return None
 
 
 def _tied_head_alias(runtime: Mapping[str, str], config: Mapping[str, Any]) -> dict[str, str]:
@@ -220,42 +65,6 @@ def _tied_head_alias(runtime: Mapping[str, str], config: Mapping[str, Any]) -> d
     if "lm_head.weight" in runtime or len(embeds) != 1:
         return {}
     return {"lm_head.weight": runtime[embeds[0]]}
-
-
-def _targets_unmatched(targets: Any, modules: list[str]) -> list[str]:
-    """Entries of ``target_modules`` that match no module (PEFT's matching rules)."""
-    if targets is None or targets == "all-linear":
-        return []
-    if isinstance(targets, str):
-        return [] if any(re.fullmatch(targets, m) for m in modules) else [targets]
-    return [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
-
-
-def _check_base_name(
-    config: Mapping[str, Any], path: Path, expected: str | None, strict: bool
-) -> None:
-    if expected is None:
-        return
-    recorded = config.get("base_model_name_or_path")
-
-    def norm(s: str) -> str:
-        return str(s).strip().rstrip("/").lower()
-
-    ok = recorded is not None and (
-        norm(recorded) == norm(expected)
-        or norm(recorded).endswith("/" + norm(expected))
-        or norm(expected).endswith("/" + norm(recorded))
-    )
-    if ok:
-        return
-    msg = (
-        f"{path}: base_model_name_or_path is {recorded!r} but the config expects base "
-        f"{expected!r}; the adapter may have been trained on another base"
-    )
-    if strict:
-        raise MergebakeError(msg + " (strict_base_match is on)")
-    log.warning(msg)
-    warnings.warn(msg, stacklevel=3)
 
 
 def preflight(
@@ -278,8 +87,6 @@ def preflight(
     Inf; ``base_model_name_or_path`` disagrees with ``expected_base`` while
     ``strict_base_match`` (otherwise a warning).
     """
-    from .stream import is_conv1d
-
     base, adapter = Path(base), Path(adapter)
     for what, p in (("base", base), ("adapter", adapter)):
         if not p.is_dir():
@@ -291,7 +98,7 @@ def preflight(
     runtime.update(tied)
 
     config = read_adapter_config(adapter)
-    _check_base_name(config, adapter / ADAPTER_CONFIG, expected_base, strict_base_match)
+    check_base_name(config, adapter / ADAPTER_CONFIG, expected_base, strict_base_match)
     wfile = adapter_weights_file(adapter, allow_pickle=allow_pickle)
     shapes, bad = adapter_shapes_and_nonfinite(wfile)
     if not shapes:
@@ -302,17 +109,14 @@ def preflight(
             "the training run diverged. Use an earlier checkpoint of the adapter"
         )
 
-    lora: dict[str, dict[str, tuple]] = {}
-    whole: dict[str, tuple] = {}
-    tokens: list[str] = []  # PEFT's trainable tokens (trainable_token_indices) on a module
-    for key, shape in shapes.items():
-        module, marker, param = _split_key(key)
-        if ".token_adapter." in key:
-            tokens.append(key.removeprefix(PEFT_PREFIX).split(".token_adapter.")[0])
-        elif marker is None:
-            whole[module.replace(".base_layer.", ".")] = shape
-        elif param in ("weight", ""):  # a LoRA bias (lora_B.bias) is not a shape witness
-            lora.setdefault(module, {})[marker] = shape
+    grouped = group_keys(shapes)
+    # a LoRA bias (lora_B.bias) is not a shape witness
+    lora = {
+        module: {part: shapes[key] for part, key in parts.items() if "." not in part}
+        for module, parts in grouped.lora.items()
+    }
+    whole = {param: shapes[key] for param, keys in grouped.whole.items() for key in keys}
+    tokens = grouped.tokens  # PEFT's trainable tokens (trainable_token_indices) on a module
 
     plan = AdapterPlan(
         config=config,
@@ -332,7 +136,7 @@ def preflight(
             continue
         # PEFT decides fan_in_fan_out by layer type: True on Conv1D, False on nn.Linear
         fan = is_conv1d(base_config, module)
-        why = _check_lora_shapes(base_tensors[name].shape, lora_shapes, fan)
+        why = check_lora_shapes(base_tensors[name].shape, lora_shapes, fan)
         if why:
             problems.append(f"{module}: {why}")
         plan.modules[module] = name
@@ -360,7 +164,7 @@ def preflight(
             + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
         )
     modules = sorted({r.rsplit(".", 1)[0] for r in runtime})
-    unmatched = _targets_unmatched(config.get("target_modules"), modules)
+    unmatched = targets_unmatched(config.get("target_modules"), modules)
     if unmatched:
         raise MergebakeError(
             f"{adapter / ADAPTER_CONFIG}: target_modules {unmatched} match no module of the "
@@ -546,7 +350,7 @@ def _verify_baked(
         compare_tensors,
         diff_json,
         load_problems,
-        nonfinite_tensors,
+        nonfinite_problems,
         tokenizer_problems,
     )
 
@@ -560,7 +364,7 @@ def _verify_baked(
     problems += diff_json(read_config(tmp), read_config(base), list(patch))
     written = set(plan.modules.values()) | set(plan.replaced.values()) | (set(cand) - set(ref))
     if scan_values:
-        problems += nonfinite_tensors({k: v for k, v in cand.items() if k in written})
+        problems += nonfinite_problems({k: v for k, v in cand.items() if k in written})
     if problems or patch or set(cand) != set(ref):
         # The layout differs from the base's (an untied head): prove it loads. Otherwise
         # names, shapes, dtypes and config equal the base's, so it loads as the base does,
@@ -660,10 +464,8 @@ def bake(
 __all__ = [
     "DEFAULT_ENGINE",
     "ENGINES",
-    "AdapterPlan",
     "Engine",
     "bake",
     "bake_device",
     "preflight",
-    "read_adapter_config",
 ]

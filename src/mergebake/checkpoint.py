@@ -1,8 +1,9 @@
-"""Read safetensors checkpoints without loading them: headers, shard index, sizes.
+"""Checkpoint folders, read without loading them: weight files, shard index, sizes, assets.
 
 A checkpoint is a folder with ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json`` (the layout ``save_pretrained`` writes), plus
-``config.json`` and tokenizer files.
+``config.json`` and tokenizer files. Single files are read by
+:mod:`mergebake.safetensors_io`; this module holds what concerns the folder.
 """
 
 from __future__ import annotations
@@ -10,81 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import MergebakeError
 from .outputs import link_or_copy
+from .safetensors_io import TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-# Bytes per element of the safetensors dtypes we meet in LLM checkpoints.
-DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: its shard file, safetensors dtype string and shape."""
-
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        """Size of the tensor's data in bytes."""
-        n = DTYPE_BYTES.get(self.dtype, 1)
-        for d in self.shape:
-            n *= d
-        return n
-
-
-def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse a safetensors file's JSON header: ``({name: TensorInfo}, metadata)``.
-
-    Reads only the first 8 + N bytes. Raises :class:`MergebakeError` naming the file
-    when the header is unreadable or a tensor's data range runs past the end of the
-    file (a truncated download).
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n <= 0 or 8 + n > size:
-                raise ValueError(f"header length {n} does not fit in {size} bytes")
-            header = json.loads(fh.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise MergebakeError(
-            f"{path}: not a readable safetensors file ({e}); re-download or re-save it"
-        ) from e
-    meta = header.pop("__metadata__", None) or {}
-    data_len = size - 8 - n
-    tensors: dict[str, TensorInfo] = {}
-    for name, spec in header.items():
-        start, end = spec["data_offsets"]
-        if end > data_len:
-            raise MergebakeError(
-                f"{path}: tensor {name!r} ends at byte {end} but the file holds {data_len} "
-                "bytes of data (truncated?); re-download or re-save it"
-            )
-        tensors[name] = TensorInfo(path, spec["dtype"], tuple(spec["shape"]))
-    return tensors, meta
 
 
 def weight_files(folder: str | os.PathLike, *, allow_pickle: bool = False) -> list[Path]:

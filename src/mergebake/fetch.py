@@ -13,6 +13,10 @@ hard-linked (or copied) from there into the output folder, so a second fetch of 
 commit downloads nothing. ``HF_HUB_OFFLINE=1`` is honoured: revisions resolve through the
 cache's refs and files come from the cache, or the error says what is missing.
 
+Calls to the Hub are retried on transient failures (network trouble, timeouts, HTTP
+408/409/429/5xx) with exponential backoff, as uploads are (:func:`mergebake.hub.
+with_retries`); a missing repo, revision or file fails at once.
+
 Gated and private repos use the user's token (``HF_TOKEN`` or ``hf auth login``), which
 huggingface_hub reads itself; it is never passed around, logged or written anywhere.
 ``provenance.json`` records ``source = {repo, subfolder, revision, commit}``.
@@ -24,10 +28,13 @@ import json
 import logging
 import os
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
+from .hub import BACKOFF_S, RETRIES, explain_hub_error, key_prefix, with_retries
 from .outputs import atomic_dir, link_or_copy, write_json, write_provenance
 
 log = logging.getLogger(__name__)
@@ -65,109 +72,51 @@ def pin_name(repo: str, revision: str) -> str:
     return f"{repo.replace('/', '--')}@{revision.replace('%', '%25').replace('/', '%2F')}"
 
 
-def _where(config_key: str | None) -> str:
-    return f"{config_key}: " if config_key else ""
+def _failure(
+    repo: str, revision: str | None, subfolder: str | None, config_key: str | None
+) -> Callable[[BaseException, int], str]:
+    """The error message of a fetch or pin that failed after ``attempts`` attempts."""
 
-
-def _token_hint() -> str:
-    """How to authenticate, depending on whether a token is configured (never its value)."""
-    from huggingface_hub import get_token
-
-    if get_token() is None:
-        return "no Hub token is configured: log in with `hf auth login` or set HF_TOKEN"
-    return "the configured Hub token (HF_TOKEN or `hf auth login`) has no access to it"
-
-
-def explain_hub_error(
-    e: BaseException,
-    *,
-    repo: str,
-    revision: str | None = None,
-    subfolder: str | None = None,
-    config_key: str | None = None,
-) -> str:
-    """One line saying what went wrong talking to the Hub and what to do about it.
-
-    Knows huggingface_hub's error classes (missing repo/revision/file, gated, offline,
-    unauthorised, unreachable). Never includes a token: only repo names, revisions and the
-    server's message.
-    """
-    import httpx2
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-        RevisionResolutionError,
-    )
-
-    where = _where(config_key)
-    at = f"{repo}@{revision}" if revision else repo
-    if isinstance(e, RevisionNotFoundError):
-        return (
-            f"{where}Hub repo {repo!r} has no revision {revision!r}; check the branch, "
-            "tag or commit sha in the config"
+    def message(e: BaseException, attempts: int) -> str:
+        text = explain_hub_error(
+            e, repo=repo, revision=revision, subfolder=subfolder, config_key=config_key
         )
-    if isinstance(e, GatedRepoError):
-        return (
-            f"{where}Hub repo {repo!r} is gated: accept its terms on its Hub page, and "
-            f"check that {_token_hint()}"
-        )
-    if isinstance(e, RepositoryNotFoundError):
-        return f"{where}Hub repo {repo!r} not found, or private: check the name; {_token_hint()}"
-    if isinstance(e, RemoteEntryNotFoundError):
-        return (
-            f"{where}Hub repo {at}: {subfolder or 'a requested file'!r} not found; check "
-            "'subfolder' in the config"
-        )
-    if isinstance(e, OfflineModeIsEnabled | LocalEntryNotFoundError | RevisionResolutionError):
-        return (
-            f"{where}Hub repo {at} is not (completely) in the Hub cache and HF_HUB_OFFLINE "
-            "is set or the Hub cannot be reached: unset HF_HUB_OFFLINE and run again with "
-            f"network access, or download it first (`hf download {repo}"
-            f"{' --revision ' + revision if revision else ''}`) ({type(e).__name__})"
-        )
-    if isinstance(e, HfHubHTTPError) and e.response is not None:
-        status = e.response.status_code
-        if status == 401:
-            return f"{where}Hub repo {at}: unauthorised (401); {_token_hint()}"
-        if status == 403:
-            return (
-                f"{where}Hub repo {at}: forbidden (403); the token in use lacks the "
-                "permission (a write token is needed to upload)"
-            )
-        return f"{where}Hub repo {at}: HTTP {status} from the Hub: {e.server_message or e}"
-    if isinstance(e, httpx2.TransportError | ConnectionError | TimeoutError):
-        return (
-            f"{where}Hub repo {at}: the Hub cannot be reached ({type(e).__name__}: {e}); "
-            "check the network, or set HF_HUB_OFFLINE=1 to use the Hub cache only"
-        )
-    return f"{where}Hub repo {at}: {type(e).__name__}: {e}"
+        return text + (f" (gave up after {attempts} attempts)" if attempts > 1 else "")
+
+    return message
 
 
 def resolve_revision(
-    repo: str, revision: str, *, api: Any = None, config_key: str | None = None
+    repo: str,
+    revision: str,
+    *,
+    api: Any = None,
+    config_key: str | None = None,
+    retries: int = RETRIES,
+    backoff: float = BACKOFF_S,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> str:
     """Resolve ``revision`` (branch, tag or sha) of model repo ``repo`` to a commit sha.
 
     A full sha is returned as is, without a network call. Otherwise the Hub is asked (or,
-    offline, the Hub cache's refs). Raises :class:`MergebakeError` for a missing repo or
-    revision, a gated repo without access, or an offline cache that lacks the revision.
+    offline, the Hub cache's refs), retrying transient failures (``retries`` attempts,
+    waits from ``backoff`` seconds; :func:`mergebake.hub.with_retries`). Raises
+    :class:`MergebakeError` for a missing repo or revision, a gated repo without access,
+    an offline cache that lacks the revision, or a Hub that stays unreachable.
     """
     if is_commit_sha(revision):
         return revision
     from huggingface_hub import HfApi
 
     api = api or HfApi()
-    try:
-        resolved = api.resolve_revision(repo, revision=revision)
-    except Exception as e:
-        raise MergebakeError(
-            explain_hub_error(e, repo=repo, revision=revision, config_key=config_key)
-        ) from e
+    resolved = with_retries(
+        lambda: api.resolve_revision(repo, revision=revision),
+        what=f"resolving {repo}@{revision}",
+        failure=_failure(repo, revision, None, config_key),
+        retries=retries,
+        backoff=backoff,
+        sleep=sleep,
+    )
     return getattr(resolved, "resolved", None) or str(resolved)
 
 
@@ -240,6 +189,9 @@ def fetch(
     cache_dir: str | None = None,
     config_key: str | None = None,
     api: Any = None,
+    retries: int = RETRIES,
+    backoff: float = BACKOFF_S,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
     """Download ``repo@revision`` (only ``subfolder`` when given) into ``out``.
 
@@ -248,35 +200,39 @@ def fetch(
     (hard links into the Hub cache where possible). ``provenance.json`` records
     ``source = {repo, subfolder, revision, commit}``; that dict is returned.
 
-    Raises :class:`MergebakeError` (naming ``config_key`` when given) for a missing repo,
-    revision or subfolder, a gated or private repo without access, or an offline cache that
-    lacks the files; nothing is left at ``out`` then.
+    Transient failures are retried (``retries`` attempts, waits from ``backoff`` seconds;
+    :func:`mergebake.hub.with_retries`); files already downloaded stay in the Hub cache,
+    so a retry only fetches what is missing. Raises :class:`MergebakeError` (naming
+    ``config_key`` when given) for a missing repo, revision or subfolder, a gated or
+    private repo without access, an offline cache that lacks the files, or a Hub that
+    stays unreachable; nothing is left at ``out`` then.
     """
     from huggingface_hub import snapshot_download
 
-    commit = commit or resolve_revision(repo, revision, api=api, config_key=config_key)
+    retrying = {"retries": retries, "backoff": backoff, "sleep": sleep}
+    commit = commit or resolve_revision(repo, revision, api=api, config_key=config_key, **retrying)
     if commit != revision:
         log.info("%s@%s is pinned to commit %s", repo, revision, commit)
     sub = subfolder.strip("/") if subfolder else ""
     prefix = f"{sub}/" if sub else ""
     allow, ignore = _patterns(prefix, allow_pickle)
-    try:
-        snapshot = snapshot_download(
+    snapshot = with_retries(
+        lambda: snapshot_download(
             repo_id=repo,
             revision=commit,
             allow_patterns=allow,
             ignore_patterns=ignore,
             cache_dir=cache_dir,
-        )
-    except Exception as e:
-        raise MergebakeError(
-            explain_hub_error(e, repo=repo, revision=commit, subfolder=sub, config_key=config_key)
-        ) from e
+        ),
+        what=f"download of {repo}@{commit}",
+        failure=_failure(repo, commit, sub, config_key),
+        **retrying,
+    )
     src = Path(snapshot) / sub if sub else Path(snapshot)
     files = sorted(p for p in src.iterdir() if p.is_file()) if src.is_dir() else []
     if not files:
         raise MergebakeError(
-            f"{_where(config_key)}Hub repo {repo!r}@{commit}: no checkpoint or adapter files "
+            f"{key_prefix(config_key)}Hub repo {repo!r}@{commit}: no checkpoint or adapter files "
             f"under {sub or 'the repo root'!r}; check 'subfolder'"
             + _candidates(repo, commit, cache_dir)
         )

@@ -22,24 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
+from .hub import commit_url, hub_url
 from .report import BASE_NAME, choose_columns, column_name, md_table, natural_key, read_eval
 
 TAGS = ("merge", "mergekit", "lora")
 LIBRARY = "transformers"
 PIPELINE = "text-generation"
-
-
-def hub_url(repo: str, path: str = "", *, rev: str = "main") -> str:
-    """Web address of ``repo`` (of folder ``path`` in it) on the configured endpoint."""
-    from huggingface_hub import constants
-
-    base = f"{constants.ENDPOINT.rstrip('/')}/{repo}"
-    return f"{base}/tree/{rev}/{path}" if path else base
-
-
-def commit_url(repo: str, oid: str) -> str:
-    """Web address of commit ``oid`` of ``repo``."""
-    return f"{hub_url(repo)}/commit/{oid}"
 
 
 def _fmt(x: float | None, signed: bool = False) -> str:

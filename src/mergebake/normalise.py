@@ -28,15 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
-from .checkpoint import (
-    INDEX_NAME,
-    TensorInfo,
-    copy_assets,
-    read_config,
-    read_header,
-    weight_files,
-)
+from .checkpoint import INDEX_NAME, copy_assets, read_config, weight_files
 from .outputs import atomic_dir, link_or_copy, write_json, write_provenance
+from .safetensors_io import TensorInfo, read_header, rename_tensors
 from .verify import VerificationError, load_problems, tokenizer_problems
 
 log = logging.getLogger(__name__)
@@ -224,21 +218,6 @@ def plan_renames(
     return plan, layout, tied
 
 
-def _write_shard(src: Path, dst: Path, plan: Mapping[str, str | None], meta: dict) -> int:
-    """Copy the kept tensors of one shard under their new names; return bytes written."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    tensors = {}
-    with safe_open(src, framework="pt") as fh:
-        for name in fh.keys():
-            new = plan[name]
-            if new is not None:
-                tensors[new] = fh.get_tensor(name)
-    save_file(tensors, dst, metadata={**meta, "format": "pt"})
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 def normalise(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     """Write ``src`` (a base or baked checkpoint) to ``out`` in the text-only layout.
 
@@ -277,7 +256,7 @@ def normalise(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
                 link_or_copy(f, tmp / f.name)
                 total += sum(shard_tensors[k].nbytes for k in kept)
             else:
-                total += _write_shard(f, tmp / f.name, plan, meta)
+                total += rename_tensors(f, tmp / f.name, plan, meta)
             weight_map.update({new: f.name for new in kept.values()})
 
         if (src / INDEX_NAME).is_file():
@@ -289,7 +268,7 @@ def normalise(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
                 metadata["total_size"] = total
                 if "total_parameters" in metadata:
                     metadata["total_parameters"] = sum(
-                        _numel(tensors[k].shape) for k, v in plan.items() if v is not None
+                        tensors[k].numel for k, v in plan.items() if v is not None
                     )
                 write_json(
                     tmp / INDEX_NAME,
@@ -323,10 +302,3 @@ def normalise(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
         )
     log.info("normalise %s -> %s: %s", src, out, summary)
     return summary
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

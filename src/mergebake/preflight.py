@@ -13,7 +13,6 @@ as one :class:`PreflightError` that names each config key or file.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import warnings
 from collections.abc import Mapping
@@ -21,34 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
-from .checkpoint import checkpoint_bytes
 from .config import expand_grid
+from .resources import estimate
 
 log = logging.getLogger(__name__)
-DEMO_BYTES = 2 * 1024 * 1024  # a demo checkpoint is well under 2 MiB
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)([mb])$", re.I)
 
 
 class PreflightError(MergebakeError):
     """One or more preflight checks failed; the message lists each, one per line."""
-
-
-def estimate_bytes(size: str, folder: Path | None, source: Mapping[str, Any]) -> int:
-    """Bytes of one base checkpoint: measured from ``folder``'s safetensors headers when it
-    exists, else 2 bytes (bf16) × the parameter count a size name such as ``12b`` or
-    ``270m`` implies, else 0 (unknown)."""
-    if folder is not None and folder.is_dir():
-        try:
-            return checkpoint_bytes(folder)
-        except MergebakeError:
-            return 0
-    if "demo" in source:
-        return DEMO_BYTES
-    m = _SIZE.match(size)
-    if not m:
-        return 0
-    scale = 1e9 if m.group(2).lower() == "b" else 1e6
-    return int(float(m.group(1)) * scale * 2)
 
 
 def _base_folder(config: Mapping[str, Any], base: str, workdir: Path) -> Path:
@@ -68,7 +47,8 @@ def disk_needed(config: Mapping[str, Any], workdir: Path) -> int:
 
     Counts a fetched copy of each missing base, a baked and a normalised checkpoint per
     missing (base, adapter), a normalised base and a merged checkpoint per missing cell,
-    each the size of its base. With ``temp_intermediates`` the baked and normalised
+    each the size of its base (:func:`mergebake.resources.estimate`; a base whose size
+    nothing tells counts 0). With ``temp_intermediates`` the baked and normalised
     checkpoints are deleted as the run goes, so the estimate is an upper bound.
     """
     total = 0
@@ -76,7 +56,8 @@ def disk_needed(config: Mapping[str, Any], workdir: Path) -> int:
     for base in sorted({c.base for c in cells}):
         size = base.split("-")[0]
         folder = _base_folder(config, base, workdir)
-        nbytes = estimate_bytes(size, folder, config["bases"][base])
+        planned = estimate(size, config["bases"][base], folder=folder)
+        nbytes = 0 if planned.basis == "default" else planned.total  # unknown: not counted
         if not folder.exists():
             total += nbytes
         if not (workdir / "results" / "text" / base / "_base").exists():

@@ -4,7 +4,8 @@ Every figure grows with the size of the checkpoint the job reads, measured witho
 loading it (:func:`measure`: the index's ``total_size`` or the safetensors headers, see
 :func:`mergebake.checkpoint.checkpoint_bytes`). Where that checkpoint does not exist yet
 (a dry run plans jobs before their inputs are built) the size is estimated from the
-config instead (:func:`estimate`): the real size of a local base, else the table
+config instead (:func:`estimate`, also preflight's disk check): the real size of a
+local base, else the table
 :data:`SIZE_BYTES` of size names, else the parameter count in the name (``7b``, ``350m``)
 at two bytes per parameter, else :data:`DEFAULT_BYTES`. Resources are recomputed from the
 real inputs when a job is scheduled, so the estimate only shows in plans.
@@ -40,7 +41,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from . import MergebakeError, methods
-from .checkpoint import DTYPE_BYTES, checkpoint_bytes, read_header, weight_files
+from .checkpoint import checkpoint_bytes, weight_files
+from .safetensors_io import DTYPES, read_header
 
 GiB = 1024**3
 MiB = 1024**2
@@ -56,8 +58,9 @@ SIZE_BYTES: dict[str, int] = {
 }
 #: A size name that is neither in the table nor a parameter count (``7b``, ``1.5b``, ``350m``).
 DEFAULT_BYTES = 16 * GiB
-#: The demo grid's generated checkpoints are a few hundred kB; plan them as this.
-DEMO_BYTES = 16 * MiB
+#: The demo grid's generated bases: 155 kB (text, 2 layers, bf16) to 1.32 MB (the largest
+#: the schema allows: multimodal, 8 layers, float32), measured with mergebake.demo.make_base.
+DEMO_BYTES = 2 * MiB
 #: safetensors shards are at most this large where a checkpoint's shards are not known.
 SHARD_BYTES = 5 * 10**9
 _PARAMS = re.compile(r"^(\d+(?:\.\d+)?)([kmbt])$")
@@ -69,11 +72,14 @@ EVAL_DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16
 
 @dataclass(frozen=True)
 class Size:
-    """A checkpoint's size: all tensors, the largest weight file, bytes per parameter."""
+    """A checkpoint's size: all tensors and the largest weight file (bytes), bytes per
+    parameter, and how it was found (``basis``: ``measured``, ``demo``, ``table`` (of
+    :data:`SIZE_BYTES`), ``parameters`` (a count in the name) or ``default``)."""
 
     total: int
     largest_file: int
     bytes_per_param: int = 2
+    basis: str = "measured"
 
     @property
     def gib(self) -> float:
@@ -152,22 +158,32 @@ def parse_size_name(size: str) -> int | None:
     return None
 
 
-def estimate(size: str | None, source: Mapping | None = None) -> Size:
-    """Planned size of a base called ``size`` with config ``source`` (hub/path/demo).
+def estimate(
+    size: str | None, source: Mapping | None = None, *, folder: str | os.PathLike | None = None
+) -> Size:
+    """Size of a base called ``size`` with config ``source`` (hub/path/demo): the package's
+    one checkpoint-size estimator (resources, plans and preflight's disk check).
 
-    A local base that exists is measured; a demo base is tiny; otherwise the size name
-    is looked up (:func:`parse_size_name`), falling back to :data:`DEFAULT_BYTES`.
+    The checkpoint in ``folder`` (where a fetched base lands), else a local base
+    (``source["path"]``), is measured when it exists (:func:`measure`); a demo base is
+    :data:`DEMO_BYTES`; otherwise the size name is looked up (:func:`parse_size_name`:
+    :data:`SIZE_BYTES`, else 2 bytes × the parameter count in the name), falling back to
+    :data:`DEFAULT_BYTES`. ``Size.basis`` says which.
     """
     source = source or {}
-    if "path" in source:
-        measured = measure(source["path"])
+    for where in (folder, source.get("path")):
+        measured = measure(where)
         if measured is not None:
             return measured
     if "demo" in source:
-        total = DEMO_BYTES
+        total, basis = DEMO_BYTES, "demo"
     else:
-        total = (parse_size_name(size) if size else None) or DEFAULT_BYTES
-    return Size(total, min(total, SHARD_BYTES), 2)
+        named = parse_size_name(size) if size else None
+        if named is None:
+            total, basis = DEFAULT_BYTES, "default"
+        else:
+            total, basis = named, "table" if size.lower() in SIZE_BYTES else "parameters"
+    return Size(total, min(total, SHARD_BYTES), 2, basis)
 
 
 def _bytes_per_param(folder: Path) -> int:
@@ -178,7 +194,8 @@ def _bytes_per_param(folder: Path) -> int:
         by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
     if not by_dtype:
         return 2
-    return DTYPE_BYTES.get(max(by_dtype, key=by_dtype.__getitem__), 2)
+    dtype = DTYPES.get(max(by_dtype, key=by_dtype.__getitem__))
+    return dtype.nbytes if dtype else 2
 
 
 def measure(folder: str | os.PathLike | None) -> Size | None:

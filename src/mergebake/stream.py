@@ -14,7 +14,8 @@ layouts), so every output tensor is bit-identical to PEFT's on the same machine:
 - ``lora_bias``: ``b += lora_B.bias * scale``;
 - scale ``α/r`` or ``α/√r`` (``use_rslora``), ``r`` and ``α`` looked up in
   ``rank_pattern``/``alpha_pattern`` with PEFT's ``get_pattern_key``; ``fan_in_fan_out``
-  is what PEFT makes of it: true for ``Conv1D`` layers (GPT-2), false for ``nn.Linear``;
+  is what PEFT makes of it: true for ``Conv1D`` layers (GPT-2), false for ``nn.Linear``
+  (what an adapter means is :mod:`mergebake.lora`);
 - whole tensors the adapter carries replace the base's: ``modules_to_save`` copies (a
   new tensor, so a tied head or embedding saved this way unties, as in PEFT, and the
   config says ``tie_word_embeddings: false``) and the ``base_layer`` copies PEFT saves
@@ -28,268 +29,45 @@ and written with ``pwrite`` at their final offsets, by one worker thread per tor
 thread (torch single-threaded inside each), beside a thread doing the kernel copies.
 Memory is a few tensors, whatever the size of the model; no file is memory-mapped.
 Every check (options the engine does not reproduce, ranks, biases, shapes) runs in
-:func:`plan_stream`, before anything is written.
+:func:`plan_stream`, before anything is written. File access is
+:mod:`mergebake.safetensors_io`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import re
-import struct
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
-from .checkpoint import DTYPE_BYTES
-from .outputs import link_or_copy
+from .checkpoint import INDEX_NAME, weight_files
+from .lora import AdapterPlan, group_keys, is_conv1d, module_scale, unsupported_options
+from .outputs import link_or_copy, write_json
+from .safetensors_io import (
+    DTYPES,
+    SafetensorsFile,
+    TensorInfo,
+    TensorReader,
+    copy_range,
+    count_nonfinite,
+    header_bytes,
+    pwrite_all,
+    torch_dtype,
+)
 
 log = logging.getLogger(__name__)
 
-# safetensors dtype string -> torch dtype name (resolved lazily: importing this module
-# must stay cheap for the CLI).
-_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-# transformers model types whose projections are Conv1D (weights stored [in, out]); PEFT
-# forces fan_in_fan_out=True on those and False on nn.Linear, whatever the config says.
-CONV1D_MODULES: dict[str, tuple[str, ...]] = {
-    "gpt2": ("c_attn", "c_proj", "c_fc", "q_attn"),
-    "imagegpt": ("c_attn", "c_proj", "c_fc", "q_attn"),
-    "decision_transformer": ("c_attn", "c_proj", "c_fc", "q_attn"),
-    "openai-gpt": ("c_attn", "c_proj", "c_fc"),
-}
-# LoraConfig options that change what a merge computes in ways this engine does not
-# reproduce: (field, value that is fine).
-UNSUPPORTED = (
-    ("layer_replication", None),
-    ("trainable_token_indices", None),
-    ("target_parameters", None),
-    ("use_bdlora", None),
-    ("alora_invocation_tokens", None),
-    ("arrow_config", None),
-    ("velora_config", None),
-    ("monteclora_config", None),
-    ("kasa_config", None),
-    ("use_qalora", False),
-    ("megatron_config", None),
-)
-# init_lora_weights values after which the adapter is a plain LoRA on the unchanged base.
-# PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA and MiCA change the base weights when PEFT loads the
-# adapter (or add a merge variant), so their result is not W + scale * B @ A.
-PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
 BLOCK_ELEMENTS = 256 * 1024  # elementwise ops run on row blocks of about 1 MB of fp32
 MAX_WORKERS = 4  # tensors baked at once ...
 WORKER_MEMORY = 2 * 1024**3  # ... within about this many bytes of buffers
-
-
-# ---------------------------------------------------------------------------------------
-# safetensors files, read with pread (no mmap: mapped pages would count as our memory)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One tensor of a safetensors file: dtype string, shape and data byte range."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # relative to the start of the data section
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-
-@dataclass
-class SafetensorsFile:
-    """A safetensors file's parsed header: entries in data order, metadata, raw header."""
-
-    path: Path
-    header: bytes  # the 8-byte length and the JSON header, exactly as stored
-    entries: dict[str, Entry]
-    metadata: dict[str, str] | None
-
-    @property
-    def data_start(self) -> int:
-        return len(self.header)
-
-    @classmethod
-    def open(cls, path: str | os.PathLike) -> SafetensorsFile:
-        """Parse the header of ``path``; :class:`MergebakeError` naming it when unreadable."""
-        path = Path(path)
-        size = path.stat().st_size
-        try:
-            with open(path, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                if n <= 0 or 8 + n > size:
-                    raise ValueError(f"header length {n} does not fit in {size} bytes")
-                raw = fh.read(n)
-            header = json.loads(raw)
-        except (struct.error, ValueError, UnicodeDecodeError) as e:
-            raise MergebakeError(
-                f"{path}: not a readable safetensors file ({e}); re-download or re-save it"
-            ) from e
-        metadata = header.pop("__metadata__", None)
-        entries = {}
-        data_len = size - 8 - n
-        for name, spec in header.items():
-            start, end = spec["data_offsets"]
-            if end > data_len or start > end:
-                raise MergebakeError(
-                    f"{path}: tensor {name!r} lies outside the file's data "
-                    "(truncated?); re-download or re-save it"
-                )
-            entries[name] = Entry(spec["dtype"], tuple(spec["shape"]), start, end)
-        entries = dict(sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].end)))
-        return cls(path, struct.pack("<Q", n) + raw, entries, metadata)
-
-
-def _torch_dtype(code: str):
-    import torch
-
-    try:
-        return getattr(torch, _DTYPES[code])
-    except KeyError as e:
-        raise MergebakeError(
-            f"safetensors dtype {code!r} is not supported by the stream engine"
-        ) from e
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise MergebakeError(f"unexpected end of file reading {len(view)} bytes at {offset}")
-        done += n
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
-
-
-def _copy_range(src: int, dst: int, count: int, src_off: int, dst_off: int) -> None:
-    """Copy ``count`` bytes between files in the kernel; plain reads/writes where it cannot."""
-    while count > 0:
-        try:
-            n = os.copy_file_range(src, dst, count, src_off, dst_off)
-        except OSError:
-            n = 0
-        if n <= 0:
-            break
-        count, src_off, dst_off = count - n, src_off + n, dst_off + n
-    chunk = 64 * 1024 * 1024
-    while count > 0:
-        data = os.pread(src, min(chunk, count), src_off)
-        if not data:
-            raise MergebakeError("unexpected end of file while copying")
-        _pwrite_all(dst, memoryview(data), dst_off)
-        count, src_off, dst_off = count - len(data), src_off + len(data), dst_off + len(data)
-
-
-class TensorReader:
-    """Read single tensors from safetensors files with ``pread`` into fresh, writable tensors."""
-
-    def __init__(self) -> None:
-        self._files: dict[Path, tuple[int, SafetensorsFile]] = {}
-
-    def file(self, path: Path) -> SafetensorsFile:
-        if path not in self._files:
-            st = SafetensorsFile.open(path)
-            self._files[path] = (os.open(path, os.O_RDONLY), st)
-        return self._files[path][1]
-
-    def read(self, path: Path, name: str, buffer=None):
-        """Tensor ``name`` of file ``path``: a new tensor, or a view of the uint8 tensor
-        ``buffer`` (at least as large) when given. Nothing stays mapped."""
-        import torch
-
-        st = self.file(path)
-        fd = self._files[path][0]
-        e = st.entries[name]
-        if buffer is None:
-            buf = torch.empty(e.nbytes, dtype=torch.uint8)
-        else:
-            buf = buffer[: e.nbytes]
-        if e.nbytes:
-            _pread_into(fd, memoryview(buf.numpy()), st.data_start + e.start)
-        return buf.view(_torch_dtype(e.dtype)).reshape(e.shape)
-
-    def close(self) -> None:
-        for fd, _ in self._files.values():
-            os.close(fd)
-        self._files.clear()
-
-    def __enter__(self) -> TensorReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run torch ops single- or ``n``-threaded inside the block, then restore the setting.
-
-    Small tensors on a busy machine are much faster without OpenMP's barriers.
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _finite(t) -> bool:
-    """Whether tensor ``t`` has no NaN/Inf: a finite sum proves it (NaN and Inf propagate);
-    only a tensor whose sum is not finite (it may merely overflow) is checked elementwise."""
-    import torch
-
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
-
-def nonfinite_tensors(path: Path) -> list[str]:
-    """Names of the floating tensors in the safetensors file ``path`` holding NaN or Inf.
-
-    Reads one tensor at a time, so memory stays at the largest tensor. A finite sum
-    proves a tensor finite (NaN and Inf propagate); only a tensor whose sum is not is
-    checked element by element (its sum may merely overflow).
-    """
-
-    bad = []
-    with TensorReader() as reader, torch_threads(1):
-        for name, e in reader.file(path).entries.items():
-            if e.dtype not in FLOAT_DTYPES:
-                continue
-            if not _finite(reader.read(path, name)):
-                bad.append(name)
-    return bad
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,62 +127,16 @@ class StreamPlan:
         return sum(len(s.ops) for s in seen.values())
 
 
-def get_pattern_key(pattern_keys: Any, key_to_match: str) -> str:
-    """PEFT's ``peft.utils.other.get_pattern_key``: the first pattern that ends ``key``."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", key_to_match):
-            return key
-    return key_to_match
-
-
-def module_scale(config: Mapping[str, Any], module: str) -> tuple[int, Any, float]:
-    """``(r, alpha, scale)`` PEFT gives ``module`` (``rank_pattern``, ``alpha_pattern``, rsLoRA)."""
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", 8))
-    alpha = alpha_pattern.get(
-        get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", 8)
-    )
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return r, alpha, scale
-
-
-def is_conv1d(base_config: Mapping[str, Any], module: str) -> bool:
-    """Whether ``module`` of a model with ``base_config`` is a ``Conv1D`` (GPT-2 family)."""
-    names = CONV1D_MODULES.get(str(base_config.get("model_type")), ())
-    return module.rsplit(".", 1)[-1] in names
-
-
-def unsupported_options(config: Mapping[str, Any]) -> list[str]:
-    """LoraConfig options set to values this engine does not reproduce, as ``name=value``."""
-    out = [
-        f"{k}={config[k]!r}"
-        for k, ok in UNSUPPORTED
-        if config.get(k) not in (ok, None, False, {}, [])
-    ]
-    init = config.get("init_lora_weights", True)
-    if init not in PLAIN_INITS:
-        out.append(f"init_lora_weights={init!r}")
-    return out
-
-
-def _split(key: str) -> tuple[str, str | None, str]:
-    from .bake import _split_key
-
-    return _split_key(key)
-
-
-def plan_stream(base: Path, adapter: Path, plan: Any) -> StreamPlan:
+def plan_stream(base: Path, adapter: Path, plan: AdapterPlan) -> StreamPlan:
     """Decide every operation of the bake from headers and configs; raise before any write.
 
-    ``plan`` is :func:`mergebake.bake.preflight`'s :class:`AdapterPlan`: its ``runtime``
-    maps the loaded model's parameter names to disk names, ``tied`` the tied head's entry
-    (``lm_head.weight`` -> the embedding). Raises :class:`MergebakeError` for options
-    the engine does not reproduce, a rank that disagrees with the config, ``lora_bias`` on
-    a layer without bias (PEFT cannot merge that either), and LoRA on a convolution.
+    ``plan`` is the :class:`mergebake.lora.AdapterPlan` that :func:`mergebake.bake.preflight`
+    made: its ``runtime`` maps the loaded model's parameter names to disk names, ``tied``
+    the tied head's entry (``lm_head.weight`` -> the embedding). Raises
+    :class:`MergebakeError` for options the engine does not reproduce, trainable tokens, a
+    rank that disagrees with the config, ``lora_bias`` on a layer without bias (PEFT cannot
+    merge that either), and LoRA on a convolution.
     """
-    from .checkpoint import INDEX_NAME, weight_files
-
     config, base_config = plan.config, plan.base_config
     runtime, tied_alias = plan.runtime, plan.tied
     cfg_path = adapter / "adapter_config.json"
@@ -421,9 +153,9 @@ def plan_stream(base: Path, adapter: Path, plan: Any) -> StreamPlan:
             "bake.engine: peft"
         )
     shards = [SafetensorsFile.open(f) for f in weight_files(base)]
-    disk: dict[str, tuple[SafetensorsFile, Entry]] = {}
+    disk: dict[str, tuple[SafetensorsFile, TensorInfo]] = {}
     for st in shards:
-        for name, e in st.entries.items():
+        for name, e in st.tensors.items():
             disk[name] = (st, e)
     shapes = plan.shapes  # adapter tensor -> shape
 
@@ -439,12 +171,13 @@ def plan_stream(base: Path, adapter: Path, plan: Any) -> StreamPlan:
 
     # 1. load: whole tensors the adapter carries (PEFT loads them before merging)
     tie_both = bool(config.get("ensure_weight_tying"))
-    groups: dict[str, dict[str, str]] = {}
-    for key in plan.keys:
-        module, marker, param = _split(key)
-        if marker is None:
-            groups.setdefault(module.replace(".base_layer.", "."), {})[key] = module
-    for param, keys in sorted(groups.items()):
+    grouped = group_keys(plan.keys)
+    if grouped.tokens:
+        raise MergebakeError(
+            f"{plan.weights}: trainable tokens on {sorted(set(grouped.tokens))[:5]} are not "
+            "supported by the stream engine; use bake.engine: peft"
+        )
+    for param, keys in sorted(grouped.whole.items()):
         for key, module in keys.items():
             st = slot(param)
             if ".base_layer." in module or module.endswith(".base_layer"):
@@ -458,13 +191,7 @@ def plan_stream(base: Path, adapter: Path, plan: Any) -> StreamPlan:
                     slots[param] = new
 
     # 2. merge: LoRA modules in model order (the embedding before the tied head)
-    lora: dict[str, dict[str, str]] = {}
-    for key in plan.keys:
-        module, marker, param = _split(key)
-        if marker is not None:
-            lora.setdefault(module, {})[
-                marker if param in ("weight", "") else f"{marker}.{param}"
-            ] = key
+    lora = grouped.lora
     order = sorted(lora, key=lambda m: (m + ".weight" in tied_alias, m))
     problems: list[str] = []
     for module in order:
@@ -643,35 +370,21 @@ class _Job:
     nbytes: int
 
 
-def _header_bytes(
-    entries: Mapping[str, tuple[str, tuple[int, ...], int, int]], metadata: Mapping[str, str] | None
-) -> bytes:
-    """A safetensors header (length + JSON padded to 8 bytes) for ``entries`` in order."""
-    header: dict[str, Any] = {}
-    if metadata is not None:
-        header["__metadata__"] = dict(metadata)
-    for name, (dtype, shape, start, end) in entries.items():
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, end]}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
 def _shard_layout(
     st: SafetensorsFile, added: Mapping[str, Storage]
 ) -> tuple[bytes, dict[str, int]]:
     """Header bytes and each tensor's data offset (relative to the data section)."""
     if not added:
-        return st.header, {n: e.start for n, e in st.entries.items()}
-    entries = {n: (e.dtype, e.shape, e.start, e.end) for n, e in st.entries.items()}
-    end = max((e.end for e in st.entries.values()), default=0)
+        return st.header, {n: e.start for n, e in st.tensors.items()}
+    entries = {n: (e.dtype, e.shape, e.start, e.end) for n, e in st.tensors.items()}
+    end = max((e.end for e in st.tensors.values()), default=0)
     for name, s in added.items():
-        n = DTYPE_BYTES[s.dtype]
+        n = DTYPES[s.dtype].nbytes
         for d in s.shape:
             n *= d
         entries[name] = (s.dtype, s.shape, end, end + n)
         end += n
-    return _header_bytes(entries, st.metadata), {n: v[2] for n, v in entries.items()}
+    return header_bytes(entries, st.metadata), {n: v[2] for n, v in entries.items()}
 
 
 def worker_count(threads: int, jobs: list[_Job]) -> tuple[int, int]:
@@ -682,7 +395,7 @@ def worker_count(threads: int, jobs: list[_Job]) -> tuple[int, int]:
     threads left over go to torch inside each worker.
     """
     biggest = max(
-        (j.nbytes + 4 * (j.nbytes // DTYPE_BYTES[j.storage.dtype]) for j in jobs), default=1
+        (j.nbytes + 4 * (j.nbytes // DTYPES[j.storage.dtype].nbytes) for j in jobs), default=1
     )
     workers = max(1, min(threads, MAX_WORKERS, WORKER_MEMORY // max(1, biggest)))
     return workers, max(1, threads // workers)
@@ -703,7 +416,7 @@ class _Workers:
     def __init__(self, splan: StreamPlan, device: str) -> None:
         self.splan = splan
         self.device = device
-        self._disk = {n: (st, e) for st in splan.shards for n, e in st.entries.items()}
+        self._disk = {n: (st, e) for st in splan.shards for n, e in st.tensors.items()}
         self._local = threading.local()
         self._lock = threading.Lock()
         self._readers: list[TensorReader] = []
@@ -732,7 +445,7 @@ class _Workers:
             weight = local.reader.read(self._disk[key][0].path, key, local.buffer)
         else:  # load_state_dict's copy_ into the module's dtype
             weight = local.reader.read(self.splan.adapter_file, key)
-            weight = weight.to(_torch_dtype(job.storage.dtype))
+            weight = weight.to(torch_dtype(job.storage.dtype))
         tensors = {}
         for op in job.storage.ops:
             for k in (op.a, op.b, op.magnitude):
@@ -751,7 +464,7 @@ class _Workers:
                 for op in job.storage.ops:
                     weight = apply_op(weight, op, tensors)
                 weight = weight.cpu()
-        if job.storage.ops and weight.is_floating_point() and not _finite(weight):
+        if job.storage.ops and count_nonfinite(weight):
             raise MergebakeError(
                 f"{job.name}: NaN/Inf after adding the LoRA delta (the base weight or the "
                 "adapter overflows in this dtype); nothing was written"
@@ -761,7 +474,7 @@ class _Workers:
             raise MergebakeError(
                 f"{job.name}: computed {data.numel()} bytes, expected {job.nbytes}"
             )
-        _pwrite_all(job.fd, memoryview(data.numpy()), job.offset)
+        pwrite_all(job.fd, memoryview(data.numpy()), job.offset)
 
     def run(self, jobs: list[_Job]) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -806,8 +519,8 @@ def run_stream(splan: StreamPlan, out: Path, *, device: str = "cpu") -> dict[str
     try:
         for st in splan.shards:
             added = added_by_shard.get(st.path.name, {})
-            changed = {n for n in st.entries if splan.outputs[n].changed}
-            total += sum(e.nbytes for e in st.entries.values())
+            changed = {n for n in st.tensors if splan.outputs[n].changed}
+            total += sum(e.nbytes for e in st.tensors.values())
             if not changed and not added:
                 link_or_copy(st.path, out / st.path.name)
                 linked += 1
@@ -818,10 +531,10 @@ def run_stream(splan: StreamPlan, out: Path, *, device: str = "cpu") -> dict[str
             fds.append(src)
             dst = os.open(out / st.path.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             fds.append(dst)
-            _pwrite_all(dst, memoryview(header), 0)
+            pwrite_all(dst, memoryview(header), 0)
             base = len(header)
             run: list[int] | None = None  # pending copy [src offset, dst offset, count]
-            for name, e in st.entries.items():
+            for name, e in st.tensors.items():
                 if name in changed:
                     jobs.append(
                         _Job(name, splan.outputs[name], dst, base + offsets[name], e.nbytes)
@@ -840,7 +553,7 @@ def run_stream(splan: StreamPlan, out: Path, *, device: str = "cpu") -> dict[str
             if run:
                 copies.append((src, dst, run[2], run[0], run[1]))
             for name, s in added.items():
-                n = DTYPE_BYTES[s.dtype] * math.prod(s.shape)
+                n = DTYPES[s.dtype].nbytes * math.prod(s.shape)
                 jobs.append(_Job(name, s, dst, base + offsets[name], n))
                 total += n
         # kernel copies of the untouched ranges run beside the compute
@@ -849,7 +562,7 @@ def run_stream(splan: StreamPlan, out: Path, *, device: str = "cpu") -> dict[str
         def copy_all() -> None:
             try:
                 for c in copies:
-                    _copy_range(*c)
+                    copy_range(*c)
             except BaseException as e:
                 copier_error.append(e)
 
@@ -879,9 +592,6 @@ def run_stream(splan: StreamPlan, out: Path, *, device: str = "cpu") -> dict[str
 
 
 def _write_index(splan: StreamPlan, out: Path, total: int) -> None:
-    from .checkpoint import INDEX_NAME
-    from .outputs import write_json
-
     if splan.index is None:
         return
     index = dict(splan.index)
@@ -904,18 +614,10 @@ def _write_index(splan: StreamPlan, out: Path, total: int) -> None:
 
 __all__ = [
     "LoraOp",
-    "SafetensorsFile",
     "Storage",
     "StreamPlan",
-    "TensorReader",
     "apply_op",
-    "get_pattern_key",
-    "is_conv1d",
-    "module_scale",
-    "nonfinite_tensors",
     "plan_stream",
     "run_stream",
-    "torch_threads",
-    "unsupported_options",
     "worker_count",
 ]

@@ -17,8 +17,8 @@ With it on, :func:`upload_cell`:
    ``delete_patterns`` = the stale ones) makes one commit whose message names the cell and
    its recipe; an unchanged cell makes no commit at all;
 4. retries transient failures (connection errors, timeouts, HTTP 408/409/429/5xx) with
-   exponential backoff, starting again from step 1 so that a retry after a commit that did
-   land sends nothing twice;
+   exponential backoff (:func:`mergebake.hub.with_retries`), starting again from step 1
+   so that a retry after a commit that did land sends nothing twice;
 5. writes the receipt (repo, path, commit oid, url, file list with sha256) only after the
    commit succeeded.
 
@@ -39,14 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
+from .hub import BACKOFF_S, RETRIES, commit_url, hub_url, with_retries
 from .outputs import atomic_file, link_or_copy, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 README = "README.md"
-RETRIES = 5
-BACKOFF_S = 2.0
-MAX_BACKOFF_S = 60.0
-TRANSIENT_STATUS = {408, 409, 429, 500, 502, 503, 504}  # 409: a concurrent commit
 
 
 def payload_files(cell_dir: Path) -> dict[str, Path]:
@@ -76,69 +73,6 @@ def git_blob_sha1(path: Path) -> str:
 def _fnmatch_escape(name: str) -> str:
     """``name`` as an fnmatch pattern matching only itself (huggingface_hub filters)."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
-
-
-def is_transient(e: BaseException) -> bool:
-    """Whether a failure is worth retrying: network trouble, timeouts, HTTP 408/409/429/5xx.
-
-    Looks through ``__cause__``/``__context__`` (huggingface_hub wraps LFS upload errors).
-    """
-    import httpx2
-    from huggingface_hub.errors import HfHubHTTPError
-
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, HfHubHTTPError):
-            resp = getattr(e, "response", None)
-            return resp is not None and resp.status_code in TRANSIENT_STATUS
-        if isinstance(e, httpx2.TransportError | ConnectionError | TimeoutError):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def with_retries(
-    fn: Callable[[], Any],
-    *,
-    what: str,
-    repo: str,
-    retries: int = RETRIES,
-    backoff: float = BACKOFF_S,
-    sleep: Callable[[float], None] = time.sleep,
-) -> Any:
-    """Call ``fn`` until it succeeds, retrying transient failures with exponential backoff.
-
-    Waits ``backoff``, ``2·backoff``, ... (at most :data:`MAX_BACKOFF_S`) between ``retries``
-    attempts. A :class:`MergebakeError` or a non-transient failure ends it at once; the
-    last failure is raised as a :class:`MergebakeError` that names ``what`` and says what
-    to do.
-    """
-    from .fetch import explain_hub_error
-
-    for attempt in range(1, max(1, retries) + 1):
-        try:
-            return fn()
-        except MergebakeError:
-            raise
-        except Exception as e:
-            if attempt >= retries or not is_transient(e):
-                note = f" after {attempt} attempts" if attempt > 1 else ""
-                raise MergebakeError(
-                    f"{what} failed{note}: {explain_hub_error(e, repo=repo)}"
-                ) from e
-            delay = min(backoff * 2 ** (attempt - 1), MAX_BACKOFF_S)
-            log.warning(
-                "%s: attempt %d/%d failed (%s: %s); retrying in %.1f s",
-                what,
-                attempt,
-                retries,
-                type(e).__name__,
-                e,
-                delay,
-            )
-            sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def _cell_recipe(cell_dir: Path) -> tuple[str | None, dict[str, Any]]:
@@ -227,8 +161,6 @@ def _check_visibility(info: Any, repo: str, private: bool) -> None:
 
 
 def _commit_info(result: Any, repo: str, head: str | None) -> tuple[str | None, str | None]:
-    from .modelcard import commit_url
-
     if result is None:  # unchanged: ``head`` is the commit the content came from
         return head, commit_url(repo, head) if head else None
     oid = getattr(result, "oid", None)
@@ -265,10 +197,8 @@ def upload_cell(
 
     Raises :class:`MergebakeError` when ``cell_dir`` is missing, ``repo`` is unset while
     enabled, a public repo would receive a private cell, or the upload fails (after
-    retrying transient failures; see :func:`with_retries`).
+    retrying transient failures; see :func:`mergebake.hub.with_retries`).
     """
-    from .modelcard import hub_url
-
     cell_dir, receipt = Path(cell_dir), Path(receipt)
     if not cell_dir.is_dir():
         raise MergebakeError(f"{cell_dir}: merged cell folder not found; build it first")
@@ -401,8 +331,6 @@ def publish_readme(
     Commits only when the Hub's README differs (one ``upload_file`` commit); writes the
     text to ``readme_out`` and a receipt like :func:`upload_cell`'s, after the commit.
     """
-    from .modelcard import hub_url
-
     data = text.encode()
     if readme_out is not None:
         with atomic_file(readme_out, "wb") as fh:

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
-from .checkpoint import TOKENIZER_FILES, TensorInfo, read_config, tensor_index
+from .checkpoint import TOKENIZER_FILES, read_config, tensor_index
+from .safetensors_io import TensorInfo, scan_nonfinite
 
 log = logging.getLogger(__name__)
 
 ALWAYS_ALLOWED = frozenset({"transformers_version"})
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 
 class VerificationError(MergebakeError):
@@ -139,26 +139,13 @@ def compare_tensors(
     return out
 
 
-def nonfinite_tensors(tensors: dict[str, TensorInfo]) -> list[str]:
-    """One line per floating tensor holding NaN or Inf, reading one tensor at a time."""
-    import torch
-    from safetensors import safe_open
-
-    by_file: dict[Path, list[str]] = {}
-    for name, info in tensors.items():
-        if info.dtype in FLOAT_DTYPES:
-            by_file.setdefault(info.file, []).append(name)
-    out: list[str] = []
-    for file, names in sorted(by_file.items()):
-        with safe_open(file, framework="pt") as fh:
-            for name in sorted(names):
-                t = fh.get_tensor(name)
-                if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                    t = t.float()
-                bad = int((~torch.isfinite(t)).sum())
-                if bad:
-                    out.append(f"tensor {name}: {bad} NaN/Inf value(s) of {t.numel()}")
-    return out
+def nonfinite_problems(tensors: dict[str, TensorInfo]) -> list[str]:
+    """One line per floating tensor holding NaN or Inf (see
+    :func:`mergebake.safetensors_io.scan_nonfinite`: one tensor in memory at a time)."""
+    return [
+        f"tensor {name}: {bad} NaN/Inf value(s) of {numel}"
+        for name, bad, numel in scan_nonfinite(tensors)
+    ]
 
 
 @contextlib.contextmanager
@@ -262,7 +249,7 @@ def find_problems(
     except MergebakeError as e:
         problems.append(f"config: {e}")
     if cand_tensors is not None:
-        problems += nonfinite_tensors(cand_tensors)
+        problems += nonfinite_problems(cand_tensors)
     if load and cand_tensors is not None:
         problems += load_problems(candidate)
     if check_tokenizer:
