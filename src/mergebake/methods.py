@@ -67,7 +67,14 @@ class Param:
 
     def check(self, value: Any, key: str) -> None:
         """Raise :class:`MergebakeError` naming ``key`` when ``value`` has the wrong type or
-        lies outside the parameter's range."""
+        lies outside the parameter's range, or is not one of its ``choices``."""
+        if value is None and self.nullable:
+            return
+        if self.choices is not None:
+            if value not in self.choices:
+                allowed = ", ".join(repr(c) for c in self.choices)
+                raise MergebakeError(f"key {key!r}: {value!r} is not one of {allowed}")
+            return
         if self.type is bool:
             if not isinstance(value, bool):
                 raise MergebakeError(f"key {key!r}: {value!r} must be true or false")
