@@ -348,3 +348,31 @@ def test_all_linear_adapter_merged_with_a_list_adapter_matches_peft(zoo, tmp_pat
     assert summary["modules"] == 14  # 7 linear modules x 2 layers
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["target_modules"] == sorted(ref_config.target_modules)
+
+
+def test_cli_entry_merges_like_the_function(zoo, tmp_path, capsys):
+    import argparse
+
+    from mergebake.adapter_merge import add_adapter_merge_arguments, cli_adapter_merge
+
+    z = zoo["llama"]
+    parser = argparse.ArgumentParser()
+    add_adapter_merge_arguments(parser)
+    args = parser.parse_args(
+        [
+            *("--adapter", f"eng={z['equal'][0]}", "--adapter", f"nob={z['equal'][1]}"),
+            *("--weight", "nob=0.5", "--combination-type", "ties", "--density", "0.2"),
+            *("--out", str(tmp_path / "cli"), "--base", str(z["base"])),
+        ]
+    )
+    cli_adapter_merge(args)
+    assert json.loads(capsys.readouterr().out)["combination_type"] == "ties"
+    merge_adapters(
+        {"eng": z["equal"][0], "nob": z["equal"][1]},
+        tmp_path / "api",
+        combination_type="ties",
+        weights={"eng": 1.0, "nob": 0.5},
+        density=0.2,
+    )
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "api" / name).read_bytes()

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 #: PEFT combination types, in the order of ``add_weighted_adapter``'s ``Literal``.
 COMBINATION_TYPES: tuple[str, ...] = tuple(ADAPTER_METHODS)
 #: Adapter tensors of deterministic types merged per skeleton (bytes, as stored).
-CHUNK_BYTES = 256 * 1024**2
+CHUNK_BYTES = 32 * 1024**2
 #: LoraConfig options whose merge needs the base's weights (or is not LoRA arithmetic):
 #: (field, the value that is fine).
 NEEDS_BASE = (
