@@ -581,8 +581,9 @@ def merge_adapters(
     holds for deterministic types (``0``: one skeleton). ``threads`` sets torch's CPU
     threads for the merge.
 
-    Peak memory: about ``len(adapters) + 2`` times the adapter tensors of one chunk (all
-    of them for DARE types), plus torch; never the base's weights.
+    Peak memory: torch and PEFT (about 400 MB) plus about twice the adapter tensors of one
+    chunk (every adapter's tensors for DARE types and where an adapter does not cover
+    every module); never the base's weights.
 
     Returns ``{"combination_type", "effective_type", "rank", "modules", "tensors",
     "chunks", "seed", "seconds"}``.
