@@ -282,6 +282,9 @@ def test_adapters_that_need_base_weights_are_refused(zoo, tmp_path):
     mts = make_lora(base, tmp_path / "mts", ("q_proj",), r=4, seed=5, modules_to_save=["o_proj"])
     refuse({"mts": mts}, r"adapter 'mts' .*modules_to_save=\['o_proj'\]")
     refuse({"gone": tmp_path / "nope"}, r"adapter 'gone': .*nope does not exist; fetch it first")
+    emb = make_lora(base, tmp_path / "emb", ("embed_tokens",), r=4, seed=6)
+    refuse({"emb": emb}, r"adapter 'emb' \(.*adapter_model.safetensors\): holds whole tensors "
+           r"\['base_model.model.model.embed_tokens.base_layer.weight'\] \(1 in all")  # fmt: skip
 
 
 def test_single_adapter_is_peft_linear(zoo, tmp_path):
@@ -376,3 +379,25 @@ def test_cli_entry_merges_like_the_function(zoo, tmp_path, capsys):
     )
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "api" / name).read_bytes()
+
+
+@pytest.mark.parametrize("combination_type", ["ties", "cat", "svd"])
+def test_embedding_lora_matches_peft(zoo, tmp_path, combination_type):
+    """LoRA on the input embeddings (PEFT's Embedding layer), saved without the embedding
+    copies (``save_embedding_layers=False``), merged like the linear ones."""
+    from safetensors.torch import load_file, save_file
+
+    z = zoo["gemma"]
+    adapters = []
+    for i in range(2):
+        a = make_lora(z["base"], tmp_path / f"emb{i}", ("embed_tokens", "q_proj"), seed=30 + i)
+        tensors = load_file(a / "adapter_model.safetensors")
+        lora = {k: v for k, v in tensors.items() if "lora_" in k}
+        assert len(lora) < len(tensors)  # PEFT saved the embedding copy: drop it
+        save_file(lora, a / "adapter_model.safetensors", metadata={"format": "pt"})
+        adapters.append(a)
+    opts = options_for(combination_type)
+    ref, _ = peft_reference(z["base"], adapters, combination_type, WEIGHTS[:2], **opts)
+    _, _, mine = ours(tmp_path, adapters, combination_type, WEIGHTS[:2], base=z["base"], **opts)
+    assert any("lora_embedding_A" in k for k in mine)
+    assert_same(mine, ref)
