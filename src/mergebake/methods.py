@@ -34,7 +34,10 @@ class Param:
     """One parameter of a merge method.
 
     ``low``/``high`` bound a numeric value (``None``: unbounded); ``low_open`` makes the
-    lower bound exclusive (density must be > 0). ``origin`` is ``"mergekit"`` when the
+    lower bound exclusive (density must be > 0). ``choices`` lists the only values a
+    string option may take; ``nullable`` lets it be ``None`` (unset: the library decides);
+    ``required`` means no default exists and the config must give the value (PEFT's
+    ``density`` for the pruning combination types). ``origin`` is ``"mergekit"`` when the
     default is mergekit's own, :data:`OURS` when mergekit requires the value and the default
     is mergebake's. ``mergekit_name`` is the name mergekit knows it by when it differs
     (``base_weight`` is mergekit's ``weight`` on the base model's own entry).
@@ -50,6 +53,9 @@ class Param:
     low_open: bool = False
     origin: str = "mergekit"
     mergekit_name: str | None = None
+    choices: tuple[Any, ...] | None = None
+    nullable: bool = False
+    required: bool = False
 
     def interval(self) -> str:
         """The valid range in interval notation, e.g. ``(0, 1]``; ``""`` when unbounded."""
@@ -61,7 +67,14 @@ class Param:
 
     def check(self, value: Any, key: str) -> None:
         """Raise :class:`MergebakeError` naming ``key`` when ``value`` has the wrong type or
-        lies outside the parameter's range."""
+        lies outside the parameter's range, or is not one of its ``choices``."""
+        if value is None and self.nullable:
+            return
+        if self.choices is not None:
+            if value not in self.choices:
+                allowed = ", ".join(repr(c) for c in self.choices)
+                raise MergebakeError(f"key {key!r}: {value!r} is not one of {allowed}")
+            return
         if self.type is bool:
             if not isinstance(value, bool):
                 raise MergebakeError(f"key {key!r}: {value!r} must be true or false")
@@ -89,7 +102,9 @@ class Method:
     and are seeded with the config's ``seed``. ``factor`` scales the size term of the merge
     job's memory and runtime (:mod:`mergebake.resources`; 1 = a weighted sum).
     ``applies`` is ``False`` for a method that builds no merge of a group (the reason in
-    ``doc``); it has no recipe.
+    ``doc``); it has no recipe. Adapter-space methods (:data:`ADAPTER_METHODS`, ``space =
+    "adapter"``) are PEFT ``combination_type`` values; ``equal_ranks`` says PEFT requires
+    the adapters to have the same rank, ``rank`` how PEFT picks the merged adapter's rank.
     """
 
     name: str
@@ -104,6 +119,8 @@ class Method:
     randomised: bool = False
     factor: float = 1.0
     applies: bool = True
+    equal_ranks: bool = False
+    rank: str = ""
 
     def param(self, name: str) -> Param | None:
         """The parameter called ``name``, or ``None``."""
@@ -428,6 +445,235 @@ METHODS: dict[str, Method] = {
     )
 }
 
+# ---------------------------------------------------------------------------------------
+# Adapter space: PEFT's add_weighted_adapter (peft.tuners.lora.LoraModel), one entry per
+# combination_type. ``tests/test_methods.py`` holds these against its signature.
+
+#: Where an adapter-space default comes from: PEFT's ``add_weighted_adapter`` signature.
+PEFT = "peft"
+
+_A_WEIGHT = Param(
+    "weight",
+    "model",
+    float,
+    1.0,
+    "weight of this adapter (PEFT's weights[i]; negative subtracts it)",
+    origin=OURS,
+)
+_A_DENSITY = Param(
+    "density",
+    "global",
+    float,
+    None,
+    "fraction of entries kept by the pruning step (PEFT has no default: required)",
+    low=0.0,
+    high=1.0,
+    low_open=True,
+    origin=PEFT,
+    required=True,
+)
+_A_SIGN = Param(
+    "majority_sign_method",
+    "global",
+    str,
+    "total",
+    "how TIES elects each entry's sign: by summed value or by count",
+    origin=PEFT,
+    choices=("total", "frequency"),
+)
+_A_SVD = (
+    Param(
+        "svd_rank",
+        "global",
+        int,
+        None,
+        "rank of the merged adapter (unset: the largest rank of the group)",
+        low=1,
+        origin=PEFT,
+        nullable=True,
+    ),
+    Param(
+        "svd_clamp",
+        "global",
+        float,
+        None,
+        "quantile at which the SVD factors are clamped (unset: no clamping)",
+        low=0.0,
+        high=1.0,
+        origin=PEFT,
+        nullable=True,
+    ),
+    Param(
+        "svd_full_matrices",
+        "global",
+        bool,
+        True,
+        "full (not reduced) SVD, as torch.linalg.svd's full_matrices",
+        origin=PEFT,
+    ),
+    Param(
+        "svd_driver",
+        "global",
+        str,
+        None,
+        "cuSOLVER driver of torch.linalg.svd (CUDA only; unset on the CPU)",
+        origin=PEFT,
+        nullable=True,
+        choices=("gesvd", "gesvdj", "gesvda"),
+    ),
+)
+
+_PEFT_DOC = "https://huggingface.co/docs/peft/package_reference/lora"
+_TIES_REF = "https://arxiv.org/abs/2306.01708"
+_DARE_REF = "https://arxiv.org/abs/2311.03099"
+_SVD_RANK = "svd_rank, or the largest rank of the group"
+
+
+def _adapter(
+    name: str,
+    title: str,
+    reference: str,
+    doc: str,
+    params: tuple[Param, ...],
+    *,
+    rank: str,
+    equal_ranks: bool = False,
+    randomised: bool = False,
+) -> Method:
+    return Method(
+        name,
+        title,
+        reference,
+        doc,
+        (_A_WEIGHT, *params),
+        base="ignored",
+        space="adapter",
+        engines=("peft",),
+        randomised=randomised,
+        equal_ranks=equal_ranks,
+        rank=rank,
+    )
+
+
+#: PEFT ``combination_type`` values, in the order of ``add_weighted_adapter``'s Literal.
+ADAPTER_METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        _adapter(
+            "svd",
+            "SVD",
+            _PEFT_DOC,
+            "Σ weight · ΔW per module, truncated to the merged rank by SVD",
+            _A_SVD,
+            rank=_SVD_RANK,
+        ),
+        _adapter(
+            "linear",
+            "Linear",
+            _PEFT_DOC,
+            "weighted sum of the A factors and of the B factors (√(weight·scale) on each)",
+            (),
+            rank="the group's rank (all equal)",
+            equal_ranks=True,
+        ),
+        _adapter(
+            "cat",
+            "Concatenation",
+            _PEFT_DOC,
+            "A and B factors stacked: exactly Σ weight · ΔW",
+            (),
+            rank="the sum of the group's ranks",
+        ),
+        _adapter(
+            "ties",
+            "TIES",
+            _TIES_REF,
+            "TIES on the A factors and on the B factors separately",
+            (_A_DENSITY, _A_SIGN),
+            rank="the group's rank (all equal)",
+            equal_ranks=True,
+        ),
+        _adapter(
+            "ties_svd",
+            "TIES + SVD",
+            _TIES_REF,
+            "TIES on each module's ΔW, truncated to the merged rank by SVD",
+            (_A_DENSITY, _A_SIGN, *_A_SVD),
+            rank=_SVD_RANK,
+        ),
+        _adapter(
+            "dare_ties",
+            "DARE TIES",
+            _DARE_REF,
+            "DARE random drop and rescale, then TIES sign election, on A and on B",
+            (_A_DENSITY, _A_SIGN),
+            rank="the group's rank (all equal)",
+            equal_ranks=True,
+            randomised=True,
+        ),
+        _adapter(
+            "dare_linear",
+            "Linear DARE",
+            _DARE_REF,
+            "DARE random drop and rescale, then a weighted sum, on A and on B",
+            (_A_DENSITY,),
+            rank="the group's rank (all equal)",
+            equal_ranks=True,
+            randomised=True,
+        ),
+        _adapter(
+            "dare_ties_svd",
+            "DARE TIES + SVD",
+            _DARE_REF,
+            "DARE TIES on each module's ΔW, truncated to the merged rank by SVD",
+            (_A_DENSITY, _A_SIGN, *_A_SVD),
+            rank=_SVD_RANK,
+            randomised=True,
+        ),
+        _adapter(
+            "dare_linear_svd",
+            "Linear DARE + SVD",
+            _DARE_REF,
+            "linear DARE on each module's ΔW, truncated to the merged rank by SVD",
+            (_A_DENSITY, *_A_SVD),
+            rank=_SVD_RANK,
+            randomised=True,
+        ),
+        _adapter(
+            "magnitude_prune",
+            "Magnitude pruning",
+            _PEFT_DOC,
+            "keep the largest-magnitude entries (density), weighted sum, on A and on B",
+            (_A_DENSITY,),
+            rank="the group's rank (all equal)",
+            equal_ranks=True,
+        ),
+        _adapter(
+            "magnitude_prune_svd",
+            "Magnitude pruning + SVD",
+            _PEFT_DOC,
+            "magnitude pruning of each module's ΔW, truncated to the merged rank by SVD",
+            (_A_DENSITY, *_A_SVD),
+            rank=_SVD_RANK,
+        ),
+    )
+}
+
+
+def adapter_method(combination_type: str, key: str = "combination_type") -> Method:
+    """The :data:`ADAPTER_METHODS` entry of a PEFT ``combination_type``.
+
+    Raises :class:`MergebakeError` naming ``key`` and listing the valid types otherwise.
+    """
+    m = ADAPTER_METHODS.get(combination_type)
+    if m is None:
+        raise MergebakeError(
+            f"key {key!r}: {combination_type!r} is not a PEFT combination_type; choose one of "
+            f"{', '.join(ADAPTER_METHODS)}"
+        )
+    return m
+
+
 #: The factor of a recipe that is not in :data:`METHODS` (a user's own): the largest.
 DEFAULT_FACTOR = max(m.factor for m in METHODS.values())
 
@@ -493,4 +739,35 @@ def markdown_table() -> str:
             lines.append(f"| {name} | – | – | – | {m.doc} |")
             continue
         lines.append(f"| {name} | {count(m)} | {m.base} | {params} | {m.doc}{seeded} |")
+    return "\n".join(lines)
+
+
+def adapter_markdown_table() -> str:
+    """The README's list of adapter-space methods (PEFT combination types) and options."""
+
+    def fmt(p: Param) -> str:
+        if p.required:
+            d = "required"
+        elif p.default is None:
+            d = "unset"
+        elif isinstance(p.default, bool):
+            d = str(p.default).lower()
+        elif isinstance(p.default, str):
+            d = p.default
+        else:
+            d = f"{p.default:g}"
+        rng = f" in {p.interval()}" if p.interval() else ""
+        if p.choices:
+            rng = " in {" + ", ".join(map(str, p.choices)) + "}"
+        per = " (per adapter)" if p.scope == "model" else ""
+        return f"`{p.name}`={d}{per}{rng}"
+
+    lines = [
+        "| combination_type | merged rank | options (default) | what it computes |",
+        "| --- | --- | --- | --- |",
+    ]
+    for m in ADAPTER_METHODS.values():
+        seeded = "; random, seeded" if m.randomised else ""
+        params = ", ".join(fmt(p) for p in m.params)
+        lines.append(f"| [`{m.name}`]({m.reference}) | {m.rank} | {params} | {m.doc}{seeded} |")
     return "\n".join(lines)
