@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
-from .bake import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter_config
+from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter_config
 from .methods import ADAPTER_METHODS, adapter_method
 from .outputs import atomic_dir, write_provenance
 
@@ -129,16 +129,16 @@ def _natural_key(name: str) -> list[Any]:
 
 
 def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
-    from .stream import SafetensorsFile
+    from .safetensors_io import SafetensorsFile
 
     st = SafetensorsFile.open(path)
-    return {k: (e.dtype, e.shape, e.nbytes) for k, e in st.entries.items()}
+    return {k: (e.dtype, e.shape, e.nbytes) for k, e in st.tensors.items()}
 
 
 def _split(key: str) -> tuple[str, str | None, str]:
-    from .bake import _split_key
+    from .lora import split_key
 
-    return _split_key(key)
+    return split_key(key)
 
 
 def _read_adapter(name: str, path: Path) -> AdapterInfo:
@@ -518,22 +518,22 @@ class _StreamWriter:
     def add(self, name: str, tensor) -> None:
         import torch
 
-        from .stream import _DTYPES
+        from .safetensors_io import DTYPES
 
         data = tensor.contiguous().view(-1).view(dtype=torch.uint8).numpy()
-        codes = {v: k for k, v in _DTYPES.items()}
+        codes = {v.torch: k for k, v in DTYPES.items()}
         code = codes[str(tensor.dtype).removeprefix("torch.")]
         self.fh.write(data.tobytes())
         self.entries[name] = (code, tuple(tensor.shape), self.offset, self.offset + data.size)
         self.offset += data.size
 
     def close(self, metadata: Mapping[str, str]) -> None:
-        from .stream import _header_bytes
+        from .safetensors_io import header_bytes
 
         self.fh.close()
         entries = dict(sorted(self.entries.items(), key=lambda kv: kv[1][2]))
         with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
-            out.write(_header_bytes(entries, metadata))
+            out.write(header_bytes(entries, metadata))
             shutil.copyfileobj(data, out, 16 * 1024**2)
         self.data_path.unlink()
 
