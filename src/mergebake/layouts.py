@@ -367,6 +367,20 @@ def build_layout(
     text_dict["tie_word_embeddings"] = tie
     with _quiet():
         tcfg = text_cfg_cls.from_dict({k: v for k, v in text_dict.items() if k != "model_type"})
+    if text_type != text_cfg.model_type:
+        # a TEXT_CAUSAL_LM rule: write the config as transformers saves the target class's
+        # (every key it fills in), so that a save/load round trip (mergekit's) changes nothing
+        import json
+
+        tcfg.architectures = [text_cls.__name__]
+        text_dict = {
+            **json.loads(tcfg.to_json_string()),
+            **{
+                k: text_dict[k]
+                for k in ("dtype", "torch_dtype", "transformers_version")
+                if k in text_dict
+            },
+        }
     text_model = _meta_model(text_cls, tcfg, where)
     decoder, t_decoder = (
         _path_of(model, model.get_decoder()),
