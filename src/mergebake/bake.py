@@ -47,6 +47,7 @@ from .lora import (
     check_lora_shapes,
     group_keys,
     is_conv1d,
+    loaded_names,
     read_adapter_config,
     targets_unmatched,
 )
@@ -244,12 +245,21 @@ def _bake_peft(
         if device != "cpu":
             model.to(device)
         peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
-        loaded = set(get_peft_model_state_dict(peft_model))
-        expected = set(plan.keys)
-        if not expected <= loaded:
+        # Every adapter tensor must be in the PEFT model with its saved values: PEFT 0.21
+        # leaves LoRA modules at their initial (zero) B where it cannot rename a saved key
+        # (e.g. the vision tower of a transformers 4.50/4.51 Gemma-3 adapter), a silent no-op.
+        loaded = get_peft_model_state_dict(peft_model)
+        missed = [
+            key
+            for key, name in loaded_names(plan.keys, plan.renamed).items()
+            if name not in loaded or not _same_values(loaded[name], plan.weights, key)
+        ]
+        if missed:
             raise MergebakeError(
-                f"{plan.weights}: PEFT did not load tensor(s) {sorted(expected - loaded)[:5]} "
-                f"into {cls.__name__}; the adapter does not match the base {base}"
+                f"{plan.weights}: PEFT did not load adapter tensor(s) {sorted(missed)[:5]} "
+                f"({len(missed)} in all) into {cls.__name__}; the adapter does not match the "
+                f"base {base} as PEFT names it (bake.engine: stream applies them under the "
+                "names transformers gives them)"
             )
         merged = peft_model.merge_and_unload()
         if device != "cpu":
@@ -263,6 +273,21 @@ def _bake_peft(
         return {"config_patch": patch} if patch else {}
 
     return write
+
+
+def _same_values(tensor, weights: Path, key: str) -> bool:
+    import torch
+
+    from .safetensors_io import TensorReader
+
+    if weights.suffix != ".safetensors":
+        return True  # a pickle adapter (allow_pickle): names only
+    reader = TensorReader()
+    try:
+        saved = reader.read(weights, key)
+    finally:
+        reader.close()
+    return torch.equal(tensor.detach().cpu().to(torch.float32), saved.to(torch.float32))
 
 
 def _bake_stream(

@@ -242,6 +242,22 @@ def group_keys(keys: Iterable[str], renamed: Mapping[str, str] | None = None) ->
     return out
 
 
+def loaded_names(keys: Iterable[str], renamed: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Saved adapter key -> the key ``get_peft_model_state_dict`` gives it once loaded
+    (module names as the loaded model has them, see :func:`group_keys`)."""
+    renamed = renamed or {}
+    out = {}
+    for key in keys:
+        module, marker, param = split_key(key)
+        if marker is None:
+            name = renamed.get(module, module)
+        else:
+            mod = renamed.get(module + ".weight", module + ".weight").removesuffix(".weight")
+            name = f"{mod}.{marker}" + (f".{param}" if param else "")
+        out[key] = PEFT_PREFIX + name
+    return out
+
+
 def adapter_param_names(grouped: AdapterKeys) -> list[str]:
     """The parameter names an adapter's groups refer to: ``<module>.weight`` (and
     ``.bias``) for LoRA modules and trainable tokens, the parameter for whole tensors."""
@@ -384,6 +400,7 @@ __all__ = [
     "AdapterKeys",
     "AdapterPlan",
     "adapter_param_names",
+    "loaded_names",
     "adapter_shapes_and_nonfinite",
     "adapter_weights_file",
     "check_base_name",
