@@ -229,3 +229,26 @@ def test_layout_is_derived_from_transformers_conversion_mapping(made):
     assert layout.tied == {"lm_head.weight": "language_model.model.embed_tokens.weight"}
     assert layout.adapter_param(name) == layout.runtime[name]  # a 4.50/4.51 adapter's name
     assert all(n.startswith(("vision_tower.", "multi_modal_projector.")) for n in layout.towers)
+
+
+def test_a_text_model_transformers_lacks_is_baked_under_its_own_names(tmp_path):
+    """Custom-code text models (no class in transformers): names are taken as they are."""
+    from _models import make_llama
+
+    base = make_llama(tmp_path / "base")
+    adapter = make_lora(base, tmp_path / "lora", target_modules=("q_proj",))
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["architectures"] = ["MyCustomForCausalLM"]
+    (base / "config.json").write_text(json.dumps(cfg))
+    layout = build_layout(base)
+    assert dict(layout.runtime) == {n: n for n in tensors(base)} and not layout.tied
+    bake(base, adapter, tmp_path / "out")
+    changed = {
+        k for k, v in tensors(tmp_path / "out").items() if not torch.equal(v, tensors(base)[k])
+    }
+    assert changed == {f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1)}
+    vlm = tmp_path / "vlm"
+    shutil.copytree(base, vlm)
+    (vlm / "config.json").write_text(json.dumps({**cfg, "vision_config": {}}))
+    with pytest.raises(MergebakeError, match="MyCustomForCausalLM.*is not in transformers"):
+        build_layout(vlm)

@@ -162,6 +162,15 @@ def _meta_model(cls, config, where: str):
         ) from e
 
 
+_TOWER_CONFIGS = ("text_config", "vision_config", "audio_config")
+
+
+def _in_transformers(arch: str) -> bool:
+    import transformers
+
+    return getattr(transformers, arch, None) is not None
+
+
 def _model_class(arch: str, where: str):
     import transformers
 
@@ -321,10 +330,32 @@ def build_layout(
     raw = dict(config) if config is not None else read_config(folder)
     where = str(folder / "config.json")
     arch = _architecture(raw, folder)
-    cls = _model_class(arch, where)
     if names is None:
         names = tensor_index(folder)
     names = sorted(names)
+    if not _in_transformers(arch) and not any(k in raw for k in _TOWER_CONFIGS):
+        # a text-only model transformers lacks (custom code): its names are taken as they
+        # are, as it would load them; nothing is known to be tied or ignored
+        log.info(
+            "%s: %s is not in transformers; its tensor names are taken as they are", where, arch
+        )
+        identity = {n: n for n in names}
+        return Layout(
+            folder=folder,
+            architecture=arch,
+            model_type=str(raw.get("model_type")),
+            text_architecture=arch,
+            text_model_type=str(raw.get("model_type")),
+            text_config_key=None,
+            runtime=identity,
+            text=dict(identity),
+            ignored=frozenset(),
+            converted=frozenset(),
+            tied={},
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            towers=frozenset(),
+        )
+    cls = _model_class(arch, where)
     try:
         with _quiet():
             cfg = AutoConfig.from_pretrained(folder, trust_remote_code=False)
