@@ -231,3 +231,241 @@ def peft_merged(base_dir: Path, adapter_dir: Path):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(load_model(base_dir), adapter_dir).merge_and_unload()
+
+
+# ----------------------------------------------------------------------------- families
+#
+# Tiny checkpoints of every family mergebake normalises, built with transformers 5.x's real
+# classes: the text model is 4 layers of hidden 64 (local, global, local, global), the
+# towers one layer. ``FAMILIES`` maps a family name to its builder; each builder takes
+# ``(folder, dtype, seed)`` and saves with ``save_pretrained`` plus the tiny tokenizer.
+
+_G4_LAYERS = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+
+
+def _tiny(**overrides) -> dict:
+    return {**TINY, "num_hidden_layers": 4, "head_dim": 32, **overrides}
+
+
+def _gemma4_text(**kw):
+    from transformers import Gemma4TextConfig
+
+    settings = dict(
+        global_head_dim=32,
+        sliding_window=16,
+        hidden_size_per_layer_input=0,
+        layer_types=list(_G4_LAYERS),
+    )
+    return Gemma4TextConfig(**_tiny(**{**settings, **kw}))
+
+
+def _gemma4_vision():
+    from transformers import Gemma4VisionConfig
+
+    return Gemma4VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        patch_size=4,
+        position_embedding_size=64,
+        pooling_kernel_size=2,
+    )
+
+
+#: Gemma-4 text settings by style: ``dense`` (12B/31B-style), ``e`` (E2B/E4B-style: per-layer
+#: input embeddings, the last two layers kv-shared), ``moe`` (26B-A4B-style expert blocks).
+GEMMA4_STYLES = {
+    "dense": {},
+    "e": dict(
+        hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, num_kv_shared_layers=2
+    ),
+    "moe": dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32),
+}
+
+
+def gemma4_config(style: str = "dense"):
+    """A tiny ``Gemma4Config``: vision tower always, an audio tower for the E style."""
+    from transformers import Gemma4AudioConfig, Gemma4Config
+
+    audio = None
+    if style == "e":
+        audio = Gemma4AudioConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            subsampling_conv_channels=[8, 4],
+            output_proj_dims=32,
+        )
+    return Gemma4Config(
+        text_config=_gemma4_text(**GEMMA4_STYLES[style]),
+        vision_config=_gemma4_vision(),
+        audio_config=audio,
+    )
+
+
+def add_kv_shared_tensors(folder: Path, seed: int = 5) -> list[str]:
+    """Add ``k_proj``/``v_proj``/``k_norm`` tensors for the kv-shared layers of a saved
+    Gemma-4 E-style checkpoint, as google/gemma-4-E4B-it ships them (transformers ignores
+    them on load: ``_keys_to_ignore_on_load_unexpected``). Returns the names added."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / "model.safetensors"
+    tensors = load_file(path)
+    g = torch.Generator().manual_seed(seed)
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    n, shared = text["num_hidden_layers"], text["num_kv_shared_layers"]
+    prefix = "model.language_model." if "text_config" in cfg else "model."
+    added = []
+    for i in range(n - shared, n):
+        donor = f"{prefix}layers.{i - shared}.self_attn."
+        for part in ("k_proj.weight", "v_proj.weight", "k_norm.weight"):
+            ref = tensors[donor + part]
+            name = f"{prefix}layers.{i}.self_attn.{part}"
+            tensors[name] = (torch.randn(ref.shape, generator=g) * 0.05).to(ref.dtype)
+            added.append(name)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return added
+
+
+def _build(model, folder: Path, dtype, seed) -> Path:
+    return _save(model, Path(folder), dtype, seed)
+
+
+def make_family(folder: Path, family: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """Save a tiny checkpoint of ``family`` (a key of :data:`FAMILIES`) to ``folder``."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    if family.startswith("gemma4-") and family.removeprefix("gemma4-") in GEMMA4_STYLES:
+        model = T.Gemma4ForConditionalGeneration(gemma4_config(family.removeprefix("gemma4-")))
+    elif family == "gemma4-text":
+        model = T.Gemma4ForCausalLM(_gemma4_text())
+    elif family in ("gemma4-unified", "gemma4-unified-text"):
+        text = T.Gemma4UnifiedTextConfig(
+            **_tiny(global_head_dim=32, sliding_window=16, layer_types=list(_G4_LAYERS))
+        )
+        if family == "gemma4-unified-text":
+            model = T.Gemma4UnifiedForCausalLM(text)
+        else:
+            vision = T.Gemma4UnifiedVisionConfig(
+                patch_size=4,
+                pooling_kernel_size=2,
+                mm_embed_dim=32,
+                mm_posemb_size=16,
+                output_proj_dims=64,
+            )
+            model = T.Gemma4UnifiedForConditionalGeneration(
+                T.Gemma4UnifiedConfig(text_config=text, vision_config=vision)
+            )
+    elif family == "gemma3-mm":
+        model = T.Gemma3ForConditionalGeneration(mm_config())
+    elif family == "gemma3-text":
+        model = T.Gemma3ForCausalLM(text_config())
+    elif family in ("mistral3", "mistral-text"):
+        text = T.MistralConfig(**_tiny(tie_word_embeddings=False))
+        if family == "mistral-text":
+            model = T.MistralForCausalLM(text)
+        else:
+            vision = T.PixtralVisionConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+                head_dim=16,
+            )
+            model = T.Mistral3ForConditionalGeneration(
+                T.Mistral3Config(
+                    text_config=text,
+                    vision_config=vision,
+                    spatial_merge_size=2,
+                    tie_word_embeddings=False,
+                )
+            )
+    elif family in ("qwen2-vl", "qwen2_5-vl", "qwen3-vl"):
+        rope = {"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0}
+        vision = dict(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        if family == "qwen3-vl":
+            text = _tiny(
+                tie_word_embeddings=True, rope_parameters={**rope, "mrope_interleaved": True}
+            )
+            vision.update(
+                out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0]
+            )
+            cfg = T.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
+            model = T.Qwen3VLForConditionalGeneration(cfg)
+        elif family == "qwen2_5-vl":
+            text = {
+                k: v
+                for k, v in _tiny(tie_word_embeddings=True, rope_parameters=rope).items()
+                if k != "head_dim"
+            }
+            vision.update(out_hidden_size=64, fullatt_block_indexes=[0])
+            cfg = T.Qwen2_5_VLConfig(
+                text_config=text, vision_config=vision, tie_word_embeddings=True
+            )
+            model = T.Qwen2_5_VLForConditionalGeneration(cfg)
+        else:
+            text = {
+                k: v
+                for k, v in _tiny(tie_word_embeddings=True, rope_parameters=rope).items()
+                if k != "head_dim"
+            }
+            vision = dict(
+                depth=1,
+                embed_dim=32,
+                hidden_size=64,
+                mlp_ratio=2,
+                num_heads=2,
+                patch_size=4,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+            )
+            cfg = T.Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
+            model = T.Qwen2VLForConditionalGeneration(cfg)
+    elif family == "qwen2-text":
+        model = T.Qwen2ForCausalLM(T.Qwen2Config(**_tiny(tie_word_embeddings=True)))
+    elif family == "qwen3-text":
+        model = T.Qwen3ForCausalLM(T.Qwen3Config(**_tiny(tie_word_embeddings=True)))
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    out = _build(model, folder, dtype, seed)
+    if family == "gemma4-e":
+        add_kv_shared_tensors(out)
+    return out
+
+
+#: Wrapped (vision-language) families and the text-only causal LM of each family.
+WRAPPED_FAMILIES = (
+    "gemma3-mm",
+    "gemma4-dense",
+    "gemma4-e",
+    "gemma4-moe",
+    "gemma4-unified",
+    "mistral3",
+    "qwen2-vl",
+    "qwen2_5-vl",
+    "qwen3-vl",
+)
+TEXT_FAMILIES = (
+    "gemma3-text",
+    "gemma4-text",
+    "gemma4-unified-text",
+    "mistral-text",
+    "qwen2-text",
+    "qwen3-text",
+)
+FAMILIES = WRAPPED_FAMILIES + TEXT_FAMILIES

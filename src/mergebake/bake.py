@@ -36,35 +36,25 @@ from typing import Any, Protocol
 
 from . import MergebakeError
 from .checkpoint import TOKENIZER_FILES, copy_assets, read_config, tensor_index
+from .layouts import build_layout
 from .lora import (
     ADAPTER_CONFIG,
     AdapterPlan,
+    adapter_param_names,
     adapter_shapes_and_nonfinite,
     adapter_weights_file,
     check_base_name,
     check_lora_shapes,
     group_keys,
     is_conv1d,
+    loaded_names,
     read_adapter_config,
     targets_unmatched,
 )
-from .normalise import runtime_names, tie_word_embeddings
+from .normalise import tie_word_embeddings
 from .outputs import atomic_dir, describe_input, write_provenance
 
 log = logging.getLogger(__name__)
-
-# Input embeddings a tied head shares (Llama/Gemma/Qwen, GPT-2, BLOOM/Falcon-style).
-EMBEDDING_NAMES = ("embed_tokens.weight", ".wte.weight", "word_embeddings.weight")
-
-
-def _tied_head_alias(runtime: Mapping[str, str], config: Mapping[str, Any]) -> dict[str, str]:
-    """Map a tied ``lm_head.weight`` (saved nowhere) to the embedding tensor it shares."""
-    if not tie_word_embeddings(config):
-        return {}
-    embeds = [r for r in runtime if r.endswith(EMBEDDING_NAMES) and "vision" not in r]
-    if "lm_head.weight" in runtime or len(embeds) != 1:
-        return {}
-    return {"lm_head.weight": runtime[embeds[0]]}
 
 
 def preflight(
@@ -93,9 +83,11 @@ def preflight(
             raise MergebakeError(f"{p}: {what} folder does not exist; fetch it first")
     base_config = read_config(base)
     base_tensors = tensor_index(base, allow_pickle=allow_pickle)
-    runtime = runtime_names(base, base_tensors)
-    tied = _tied_head_alias(runtime, base_config)
-    runtime.update(tied)
+    # runtime (loaded-model) parameter name -> disk name, tied names included; from
+    # transformers' own classes and conversion mappings (mergebake.layouts)
+    layout = build_layout(base, list(base_tensors), base_config)
+    runtime = dict(layout.disk)
+    tied = dict(layout.tied)
 
     config = read_adapter_config(adapter)
     check_base_name(config, adapter / ADAPTER_CONFIG, expected_base, strict_base_match)
@@ -109,7 +101,14 @@ def preflight(
             "the training run diverged. Use an earlier checkpoint of the adapter"
         )
 
-    grouped = group_keys(shapes)
+    # adapters name modules as the transformers version that trained them did (4.50/4.51:
+    # language_model.model.layers.*); PEFT renames them with the model's renamings on load
+    renamed = {
+        name: layout.adapter_param(name)
+        for name in adapter_param_names(group_keys(shapes))
+        if name not in runtime and layout.adapter_param(name) != name
+    }
+    grouped = group_keys(shapes, renamed)
     # a LoRA bias (lora_B.bias) is not a shape witness
     lora = {
         module: {part: shapes[key] for part, key in parts.items() if "." not in part}
@@ -126,6 +125,8 @@ def preflight(
         runtime=runtime,
         tied=tied,
         shapes=shapes,
+        renamed=renamed,
+        ignored=sorted(layout.ignored),
     )
     missing: list[str] = []
     problems: list[str] = []
@@ -244,12 +245,21 @@ def _bake_peft(
         if device != "cpu":
             model.to(device)
         peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
-        loaded = set(get_peft_model_state_dict(peft_model))
-        expected = set(plan.keys)
-        if not expected <= loaded:
+        # Every adapter tensor must be in the PEFT model with its saved values: PEFT 0.21
+        # leaves LoRA modules at their initial (zero) B where it cannot rename a saved key
+        # (e.g. the vision tower of a transformers 4.50/4.51 Gemma-3 adapter), a silent no-op.
+        loaded = get_peft_model_state_dict(peft_model)
+        missed = [
+            key
+            for key, name in loaded_names(plan.keys, plan.renamed).items()
+            if name not in loaded or not _same_values(loaded[name], plan.weights, key)
+        ]
+        if missed:
             raise MergebakeError(
-                f"{plan.weights}: PEFT did not load tensor(s) {sorted(expected - loaded)[:5]} "
-                f"into {cls.__name__}; the adapter does not match the base {base}"
+                f"{plan.weights}: PEFT did not load adapter tensor(s) {sorted(missed)[:5]} "
+                f"({len(missed)} in all) into {cls.__name__}; the adapter does not match the "
+                f"base {base} as PEFT names it (bake.engine: stream applies them under the "
+                "names transformers gives them)"
             )
         merged = peft_model.merge_and_unload()
         if device != "cpu":
@@ -263,6 +273,21 @@ def _bake_peft(
         return {"config_patch": patch} if patch else {}
 
     return write
+
+
+def _same_values(tensor, weights: Path, key: str) -> bool:
+    import torch
+
+    from .safetensors_io import TensorReader
+
+    if weights.suffix != ".safetensors":
+        return True  # a pickle adapter (allow_pickle): names only
+    reader = TensorReader()
+    try:
+        saved = reader.read(weights, key)
+    finally:
+        reader.close()
+    return torch.equal(tensor.detach().cpu().to(torch.float32), saved.to(torch.float32))
 
 
 def _bake_stream(
@@ -356,11 +381,24 @@ def _verify_baked(
 
     cand, ref = tensor_index(tmp), tensor_index(base)
     untied = patch.get("tie_word_embeddings") is False
+    # tensors the model class ignores on load (e.g. the redundant k/v of Gemma-4's
+    # kv-shared layers): the stream engine copies them, save_pretrained (peft) drops them
+    ignored = {f"tensor {n}: missing (the reference has it)" for n in plan.ignored}
     problems = [
         p
         for p in compare_tensors(cand, ref)
         if not (untied and "lm_head" in p and p.endswith("unexpected (not in the reference)"))
+        and p not in ignored
     ]
+    dropped = [n for n in plan.ignored if n not in cand]
+    if dropped:
+        log.info(
+            "bake: %d tensor(s) the model class ignores on load are not in the output "
+            "(save_pretrained drops them), e.g. %s",
+            len(dropped),
+            dropped[:3],
+        )
+    ref = {n: v for n, v in ref.items() if n in cand or n not in plan.ignored}
     problems += diff_json(read_config(tmp), read_config(base), list(patch))
     written = set(plan.modules.values()) | set(plan.replaced.values()) | (set(cand) - set(ref))
     if scan_values:
@@ -454,6 +492,8 @@ def bake(
                 "trust_remote_code": trust_remote_code,
                 "expected_base": expected_base,
                 **summary,
+                # read by normalise, to say how many adapted tensors it drops with the towers
+                "adapted_tensors": sorted(set(plan.modules.values()) | set(plan.replaced.values())),
             },
         )
     summary["seconds"] = round(time.perf_counter() - t0, 3)

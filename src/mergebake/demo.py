@@ -104,7 +104,12 @@ INIT_STD = 0.1
 
 # --------------------------------------------------------------------------- models
 
-ARCHES = ("text", "multimodal")
+#: ``text``/``multimodal``: Gemma-3 (1b-style / 4b, 12b-style); ``gemma4``: a 12B/31B-style
+#: ``Gemma4ForConditionalGeneration`` (vision tower); ``gemma4-e``: an E2B/E4B-style one
+#: (per-layer input embeddings, kv-shared upper half, vision and audio towers, and the
+#: redundant k/v tensors of the kv-shared layers the released checkpoints carry).
+ARCHES = ("text", "multimodal", "gemma4", "gemma4-e")
+GEMMA4_ARCHES = ("gemma4", "gemma4-e")
 DTYPES = ("bfloat16", "float16", "float32")
 MAX_LAYERS = 16
 TEXT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -237,6 +242,8 @@ def base_config(arch: str, num_layers: int):
         raise MergebakeError(
             f"num_layers={num_layers!r}: must be an integer from 1 to {MAX_LAYERS}"
         )
+    if arch in GEMMA4_ARCHES:
+        return _gemma4_config(arch, num_layers)
     text = Gemma3TextConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
@@ -284,9 +291,104 @@ def base_config(arch: str, num_layers: int):
     return config
 
 
+def _gemma4_config(arch: str, num_layers: int):
+    """The ``Gemma4Config`` of a ``gemma4`` or ``gemma4-e`` demo base: the Gemma-3 demo's
+    text shapes (hidden 64, MLP 128, 2 query heads and 1 KV head of dim 32, global layers
+    too) and a one-layer vision tower (hidden 32, 4x4 patches); ``gemma4-e`` adds per-layer
+    input embeddings of 8 per layer, alternates local and global layers and shares the
+    key/value states of the upper half (from 4 layers on), and a one-layer audio tower."""
+    from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4TextConfig, Gemma4VisionConfig
+
+    e = arch == "gemma4-e"
+    if e:
+        layer_types = [
+            "full_attention" if i % 2 else "sliding_attention" for i in range(num_layers)
+        ]
+        layer_types[-1] = "full_attention"
+    else:
+        layer_types = _layer_types(num_layers)
+    text = Gemma4TextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        global_head_dim=32,
+        max_position_embeddings=MAX_POSITIONS,
+        sliding_window=32,
+        layer_types=layer_types,
+        hidden_size_per_layer_input=8 if e else 0,
+        vocab_size_per_layer_input=VOCAB_SIZE,
+        num_kv_shared_layers=num_layers // 2 if e and num_layers >= 4 else 0,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+        tie_word_embeddings=True,
+        initializer_range=INIT_STD,
+    )
+    vision = Gemma4VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        patch_size=4,
+        position_embedding_size=64,
+        pooling_kernel_size=2,
+    )
+    audio = None
+    if e:
+        audio = Gemma4AudioConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            subsampling_conv_channels=[8, 4],
+            output_proj_dims=32,
+        )
+    config = Gemma4Config(
+        text_config=text,
+        vision_config=vision,
+        audio_config=audio,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+        tie_word_embeddings=True,
+        initializer_range=INIT_STD,
+    )
+    config.architectures = ["Gemma4ForConditionalGeneration"]
+    return config
+
+
+def _add_kv_shared_tensors(folder: Path) -> None:
+    """Write the ``k_proj``/``v_proj``/``k_norm`` of each kv-shared layer into
+    ``model.safetensors`` (copies of the layer whose cache it reuses), as the released
+    Gemma-4 E-series checkpoints carry them; transformers ignores them on load."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((folder / "config.json").read_text())["text_config"]
+    n, shared = cfg["num_hidden_layers"], cfg["num_kv_shared_layers"]
+    if not shared:
+        return
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    for i in range(n - shared, n):
+        donor = n - shared - 1 - (n - 1 - i) % 2  # the last unshared layer of the same type
+        for part in ("k_proj.weight", "v_proj.weight", "k_norm.weight"):
+            src = f"model.language_model.layers.{donor}.self_attn.{part}"
+            tensors[f"model.language_model.layers.{i}.self_attn.{part}"] = tensors[src].clone()
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
 def _model_class(arch: str):
     from transformers import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 
+    if arch in GEMMA4_ARCHES:
+        from transformers import Gemma4ForConditionalGeneration
+
+        return Gemma4ForConditionalGeneration
     return Gemma3ForCausalLM if arch == "text" else Gemma3ForConditionalGeneration
 
 
@@ -319,6 +421,8 @@ def make_base(out: Path, *, arch: str, num_layers: int, seed: int, dtype: str = 
         model.to(getattr(torch, dtype))
         model.generation_config.max_length = MAX_POSITIONS
         model.save_pretrained(tmp)
+        if arch == "gemma4-e":
+            _add_kv_shared_tensors(tmp)
         make_tokenizer(tmp)
         write_provenance(
             tmp,
@@ -343,9 +447,12 @@ def _base_arch(base: Path) -> str:
         return "text"
     if model_type == "gemma3":
         return "multimodal"
+    if model_type == "gemma4":
+        per_layer = (cfg.get("text_config") or {}).get("hidden_size_per_layer_input")
+        return "gemma4-e" if per_layer else "gemma4"
     raise MergebakeError(
-        f"{cfg_path}: model_type {model_type!r} is not a demo Gemma-3 base "
-        "(expected 'gemma3_text' or 'gemma3')"
+        f"{cfg_path}: model_type {model_type!r} is not a demo base "
+        "(expected 'gemma3_text', 'gemma3' or 'gemma4')"
     )
 
 

@@ -99,6 +99,9 @@ class AdapterPlan:
     on an embedding (its ``save_embedding_layers``). ``runtime`` maps every parameter name
     of the loaded model to its disk name (``tied`` holds the tied head's entry,
     ``lm_head.weight`` -> the embedding); ``shapes`` are the adapter tensors' shapes.
+    ``renamed`` maps parameter names as the adapter spells them (an older transformers'
+    module names) to the loaded model's (see :func:`group_keys`); ``ignored`` lists the
+    base tensors its class ignores on load (:class:`mergebake.layouts.Layout`).
     """
 
     config: dict[str, Any]
@@ -110,6 +113,8 @@ class AdapterPlan:
     runtime: dict[str, str] = field(default_factory=dict)
     tied: dict[str, str] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    renamed: dict[str, str] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
 
     @property
     def essentials(self) -> dict[str, Any]:
@@ -210,19 +215,56 @@ class AdapterKeys:
     tokens: list[str] = field(default_factory=list)
 
 
-def group_keys(keys: Iterable[str]) -> AdapterKeys:
-    """Group saved adapter ``keys`` into an :class:`AdapterKeys` (see :func:`split_key`)."""
+def group_keys(keys: Iterable[str], renamed: Mapping[str, str] | None = None) -> AdapterKeys:
+    """Group saved adapter ``keys`` into an :class:`AdapterKeys` (see :func:`split_key`).
+
+    ``renamed`` maps parameter names as the adapter spells them (``<module>.weight`` for a
+    LoRA module, the parameter for a whole tensor) to the loaded model's; the groups are
+    keyed by the loaded model's names, the keys stay the adapter file's.
+    """
+    renamed = renamed or {}
+
+    def module_name(module: str) -> str:
+        return renamed.get(module + ".weight", module + ".weight").removesuffix(".weight")
+
     out = AdapterKeys()
     for key in keys:
         module, marker, param = split_key(key)
         if ".token_adapter." in key:
-            out.tokens.append(key.removeprefix(PEFT_PREFIX).split(".token_adapter.")[0])
+            mod = key.removeprefix(PEFT_PREFIX).split(".token_adapter.")[0]
+            out.tokens.append(module_name(mod))
         elif marker is None:
-            out.whole.setdefault(module.replace(".base_layer.", "."), {})[key] = module
+            name = module.replace(".base_layer.", ".")
+            out.whole.setdefault(renamed.get(name, name), {})[key] = module
         else:
             part = marker if param in ("weight", "") else f"{marker}.{param}"
-            out.lora.setdefault(module, {})[part] = key
+            out.lora.setdefault(module_name(module), {})[part] = key
     return out
+
+
+def loaded_names(keys: Iterable[str], renamed: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Saved adapter key -> the key ``get_peft_model_state_dict`` gives it once loaded
+    (module names as the loaded model has them, see :func:`group_keys`)."""
+    renamed = renamed or {}
+    out = {}
+    for key in keys:
+        module, marker, param = split_key(key)
+        if marker is None:
+            name = renamed.get(module, module)
+        else:
+            mod = renamed.get(module + ".weight", module + ".weight").removesuffix(".weight")
+            name = f"{mod}.{marker}" + (f".{param}" if param else "")
+        out[key] = PEFT_PREFIX + name
+    return out
+
+
+def adapter_param_names(grouped: AdapterKeys) -> list[str]:
+    """The parameter names an adapter's groups refer to: ``<module>.weight`` (and
+    ``.bias``) for LoRA modules and trainable tokens, the parameter for whole tensors."""
+    names = set(grouped.whole)
+    for module in list(grouped.lora) + grouped.tokens:
+        names |= {module + ".weight", module + ".bias"}
+    return sorted(names)
 
 
 # ----------------------------------------------------------------------------- PEFT options
@@ -357,6 +399,8 @@ __all__ = [
     "ADAPTER_WEIGHTS",
     "AdapterKeys",
     "AdapterPlan",
+    "adapter_param_names",
+    "loaded_names",
     "adapter_shapes_and_nonfinite",
     "adapter_weights_file",
     "check_base_name",

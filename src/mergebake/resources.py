@@ -55,6 +55,13 @@ SIZE_BYTES: dict[str, int] = {
     "4b": 8_600_000_000,
     "12b": 24_400_000_000,
     "27b": 54_900_000_000,
+    # Gemma-4, about 2 bytes x the total parameter counts of the model cards (E2B 5.1B and
+    # E4B 8B with their per-layer embeddings, 26B-A4B 25.2B of which 3.8B active, 31B
+    # 30.7B); a fetched base is measured instead (resources.estimate).
+    "e2b": 10_200_000_000,
+    "e4b": 16_000_000_000,
+    "26b-a4b": 50_400_000_000,
+    "31b": 61_400_000_000,
 }
 #: A size name that is neither in the table nor a parameter count (``7b``, ``1.5b``, ``350m``).
 DEFAULT_BYTES = 16 * GiB
@@ -63,7 +70,13 @@ DEFAULT_BYTES = 16 * GiB
 DEMO_BYTES = 2 * MiB
 #: safetensors shards are at most this large where a checkpoint's shards are not known.
 SHARD_BYTES = 5 * 10**9
-_PARAMS = re.compile(r"^(\d+(?:\.\d+)?)([kmbt])$")
+#: A parameter count: ``7b``, ``1.5b``, ``350m``; ``e<N>b`` (N effective parameters of a model
+#: with per-layer embeddings, Gemma-3n/4 E-series); ``<N>b-a<M>b`` (a mixture of experts with
+#: N parameters in all, M active per token). Case-insensitive.
+_PARAMS = re.compile(r"^(e)?(\d+(?:\.\d+)?)([kmbt])(?:-a\d+(?:\.\d+)?[kmbt])?$")
+#: Stored parameters per effective one of an E-series model (per-layer embeddings): Gemma-4
+#: E2B holds 5.1B parameters for 2.3B effective, E4B 8B for 4.5B (model cards).
+E_SERIES_FACTOR = 2
 _SCALE = {"k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
 
 #: Bytes per parameter of the dtypes lm-eval may load a model in (``auto``: as stored).
@@ -148,13 +161,21 @@ def _ceil_to(x: float, step: int) -> int:
 
 
 def parse_size_name(size: str) -> int | None:
-    """Bytes of a checkpoint called ``size`` (``12b``, ``270m``, ``1.5b``), or None."""
+    """Bytes (bf16) of a checkpoint called ``size``, or None when the name says nothing.
+
+    :data:`SIZE_BYTES` first (``12b``, ``e4b``, ``26b-a4b``, ``31b``), else 2 bytes x the
+    parameter count in the name (:data:`_PARAMS`): ``1.5b`` -> 3 GB; a mixture of experts
+    ``40b-a6b`` counts all 40B; an E-series ``e3b`` counts 3B x :data:`E_SERIES_FACTOR`.
+    """
     size = size.lower()
     if size in SIZE_BYTES:
         return SIZE_BYTES[size]
     m = _PARAMS.match(size)
     if m:
-        return int(float(m.group(1)) * _SCALE[m.group(2)] * 2)  # bf16
+        params = float(m.group(2)) * _SCALE[m.group(3)]
+        if m.group(1):
+            params *= E_SERIES_FACTOR
+        return int(params * 2)  # bf16
     return None
 
 

@@ -171,7 +171,7 @@ def plan_stream(base: Path, adapter: Path, plan: AdapterPlan) -> StreamPlan:
 
     # 1. load: whole tensors the adapter carries (PEFT loads them before merging)
     tie_both = bool(config.get("ensure_weight_tying"))
-    grouped = group_keys(plan.keys)
+    grouped = group_keys(plan.keys, plan.renamed)
     if grouped.tokens:
         raise MergebakeError(
             f"{plan.weights}: trainable tokens on {sorted(set(grouped.tokens))[:5]} are not "
@@ -252,6 +252,8 @@ def plan_stream(base: Path, adapter: Path, plan: AdapterPlan) -> StreamPlan:
         if param in tied_alias:
             continue
         outputs[name] = slot(param)
+    for name in disk:  # tensors no parameter loads (the class ignores them): copied as they are
+        outputs.setdefault(name, storages[name])
     added: dict[str, tuple[str, Storage]] = {}
     config_patch: dict[str, Any] = {}
     for alias, embed_disk in tied_alias.items():
