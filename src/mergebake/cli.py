@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from . import MergebakeError, __version__
+from .demo import ARCHES as DEMO_ARCHES
 
 
 def _threads(n: int | None) -> None:
@@ -196,9 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("validate", cmd_validate, "validate a config and list its cells")
     sp.add_argument("config", type=Path, nargs="?", default=Path("config.yaml"))
 
-    sp = add("demo-base", cmd_demo_base, "generate a tiny synthetic Gemma-3 base (demo grid)")
+    sp = add("demo-base", cmd_demo_base, "generate a tiny synthetic Gemma-3 or Gemma-4 base (demo grids)")
     sp.add_argument("--out", type=Path, required=True)
-    sp.add_argument("--arch", choices=["text", "multimodal"], required=True)
+    sp.add_argument("--arch", choices=list(DEMO_ARCHES), required=True)
     sp.add_argument("--layers", type=int, default=2)
     sp.add_argument("--seed", type=int, required=True)
     sp.add_argument("--threads", type=int)
