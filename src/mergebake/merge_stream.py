@@ -451,6 +451,22 @@ def _selection(selection: str) -> Iterator[None]:
         gta.sparsify = original
 
 
+def _trims_by_magnitude(the_plan: Plan) -> bool:
+    """Whether any tensor of the plan is trimmed by magnitude where :func:`fast_sparsify`
+    would select (a magnitude method, density < 1, no rescaling)."""
+    method = the_plan.method
+    sparsification = getattr(method, "sparsification_method", None)
+    if sparsification is None or sparsification.value not in ("magnitude", "magnitude_outliers"):
+        return False
+    for job in the_plan.jobs:
+        if job.task.parameters.get("rescale"):
+            continue
+        for params in job.task.input_parameters.values():
+            if params.get("density", 1.0) < 1:
+                return True
+    return False
+
+
 # --------------------------------------------------------------------------- shortcut
 
 
@@ -611,7 +627,9 @@ def stream_merge(
     ``merge_config``/``options`` are mergekit's ``MergeConfiguration``/``MergeOptions``;
     ``workers`` threads compute tensors (default: one per usable core; torch's intra-op
     threads are set to ``max(1, threads // workers)`` meanwhile and restored after);
-    ``selection`` is ``"exact"`` (mergekit's own sort) or ``"fast"`` (:func:`fast_sparsify`).
+    ``selection`` is ``"exact"`` (mergekit's own sort) or ``"fast"`` (:func:`fast_sparsify`);
+    the returned ``selection`` is ``"fast"`` only where a tensor was trimmed by magnitude
+    with it (else the output is the exact one whatever was asked).
     Writes the safetensors shards (+ index), ``config.json``, the tokenizer files and
     mergekit's tag-along files (and its model card when ``options.write_model_card``), as
     ``mergekit.merge.run_merge`` does. Peak memory: the tensors in flight, about
@@ -640,6 +658,8 @@ def stream_merge(
         (method.sparsification_method.value if method.sparsification_method else None)
         in _GTA_SHORTCUT_SPARSIFICATION
     )
+
+    selection = selection if _trims_by_magnitude(the_plan) else "exact"
 
     out.mkdir(parents=True, exist_ok=True)
     fds = []
