@@ -377,12 +377,15 @@ def fast_sparsify(tensor: torch.Tensor, density: float, method: Any, **kwargs: A
     ``magnitude`` (TIES) keeps ``k = max(1, int(density * numel))`` entries of largest
     ``|x|``; ``magnitude_outliers`` (breadcrumbs) keeps the ranks ``[n_bot, n_bot + n)`` of
     ``|x|`` in ascending order, ``n = int(density * numel)``, ``n_bot = max(0, numel - n -
-    int(gamma * numel))`` (mergekit's formulas, ``mergekit.sparsify``). The threshold
-    values come from ``torch.kthvalue`` (a selection, O(numel)); among entries equal to a
-    threshold, the lowest flat index ranks first, i.e. the kept set is the one a *stable*
-    sort gives. Same dtype and shape as ``tensor``; the kept entries are ``tensor * mask``
-    exactly as in mergekit. Every other method, a rescaling norm (its sums would round
-    differently) or a NaN magnitude goes to mergekit's own ``sparsify``.
+    int(gamma * numel))`` (mergekit's formulas, ``mergekit.sparsify``). The cut-off values
+    come from a counting pass (16-bit floats: one ``bincount`` over the bit patterns of
+    ``|x|``, which order like the values) or ``torch.kthvalue`` (other dtypes), so the
+    cost is O(numel) instead of a sort's O(numel log numel). Among entries equal to a
+    cut-off, the lowest flat index ranks first, i.e. the kept set is exactly the one a
+    *stable* sort gives (``torch.sort(..., stable=True)``). Same dtype and shape as
+    ``tensor``; the kept entries are ``tensor * mask`` as in mergekit. Every other method,
+    a rescaling norm (its sums would round differently) or a NaN magnitude goes to
+    mergekit's own ``sparsify``.
     """
     from mergekit.sparsify import SparsificationMethod, rescaled_masked_tensor, sparsify
 
@@ -391,46 +394,54 @@ def fast_sparsify(tensor: torch.Tensor, density: float, method: Any, **kwargs: A
         return sparsify(tensor, density, method, **kwargs)
     if rescale is not None or density >= 1 or density <= 0 or tensor.numel() == 0:
         return sparsify(tensor, density, method, **kwargs)
-    w = tensor.abs().reshape(-1).float()
-    if torch.isnan(w).any():
+    if torch.isnan(tensor).any():
         return sparsify(tensor, density, method, **kwargs)
-    num = w.numel()
+    num = tensor.numel()
     if method == SparsificationMethod.magnitude:
-        k = max(1, int(density * num))
-        # The k largest are the ascending ranks [num - k, num). A stable descending sort
-        # puts the lowest index first among ties, i.e. gives it the highest ascending rank.
-        keep = _rank_band(w, num - k, num, ties_low_index_last=True)
+        keep = stable_rank_band(tensor, 0, max(1, int(density * num)), descending=True)
     else:
         target = int(density * num)
         n_bot = max(0, num - target - int(kwargs.get("gamma", 0) * num))
-        keep = _rank_band(w, n_bot, n_bot + target)
-    mask = keep.to(tensor.dtype)
-    return rescaled_masked_tensor(tensor, mask.reshape_as(tensor), None)
+        keep = stable_rank_band(tensor, n_bot, n_bot + target, descending=False)
+    return rescaled_masked_tensor(tensor, keep.to(tensor.dtype).reshape_as(tensor), None)
 
 
-def _rank_band(
-    w: torch.Tensor, lo: int, hi: int, ties_low_index_last: bool = False
-) -> torch.Tensor:
-    """Bool mask of the entries of 1-D ``w`` whose ascending rank lies in ``[lo, hi)``.
+def stable_rank_band(x: torch.Tensor, lo: int, hi: int, *, descending: bool) -> torch.Tensor:
+    """Flat bool mask of the entries of ``x`` whose rank by ``|x|`` lies in ``[lo, hi)``.
 
-    Ranks break ties by flat index: lowest index first, or (``ties_low_index_last``) last.
-    O(numel): two ``kthvalue`` selections and a few elementwise passes.
+    Ranks are those of a stable sort of ``|x|.reshape(-1)`` (``descending`` or ascending):
+    equal magnitudes rank by flat index, lowest first. ``x`` must hold no NaN. O(numel).
     """
-    n = w.numel()
+    n = x.numel()
+    keep = torch.zeros(n, dtype=torch.bool)
+    lo, hi = max(lo, 0), min(hi, n)
     if hi <= lo:
-        return torch.zeros(n, dtype=torch.bool)
-    v_lo = torch.kthvalue(w, lo + 1).values
-    v_hi = torch.kthvalue(w, hi).values
-    keep = (w > v_lo) & (w < v_hi)
-    for v in {float(v_lo), float(v_hi)}:
-        eq = w == v
-        start = int((w < v).sum())
-        if ties_low_index_last:
-            count = int(eq.sum())
-            rank = start + count - eq.to(torch.int64).cumsum(0)  # highest index ranks first
-        else:
-            rank = start + eq.to(torch.int64).cumsum(0) - 1
-        keep |= eq & (rank >= lo) & (rank < hi)
+        return keep
+    a = x.abs().reshape(-1)
+    if a.element_size() == 2 and a.is_floating_point():
+        key = a.view(torch.int16)  # |x| >= 0: the bit patterns order like the values
+        counts = torch.bincount(key, minlength=1 << 15)
+        if descending:
+            counts = counts.flip(0)
+        ends = counts.cumsum(0)  # rank just past each class, in sort order
+        classes = torch.searchsorted(ends, torch.tensor([lo, hi - 1]), right=True).tolist()
+        values = [(1 << 15) - 1 - c if descending else c for c in classes]
+        starts = [int(ends[c] - counts[c]) for c in classes]
+    else:
+        key = a.float()
+        values, starts = [], []
+        for r in (lo, hi - 1):
+            v = float(torch.kthvalue(key, n - r if descending else r + 1).values)
+            values.append(v)
+            starts.append(int((key > v).sum() if descending else (key < v).sum()))
+    v_lo, v_hi = values
+    if descending:
+        keep |= (key < v_lo) & (key > v_hi)
+    else:
+        keep |= (key > v_lo) & (key < v_hi)
+    for v, start in dict(zip(values, starts, strict=True)).items():
+        ties = (key == v).nonzero().reshape(-1)  # flat indices, ascending
+        keep[ties[max(0, lo - start) : max(0, hi - start)]] = True
     return keep
 
 
