@@ -133,13 +133,18 @@ def support_problem(merge_config: Any, options: Any) -> str | None:
 
 @dataclass(frozen=True)
 class Load:
-    """One input of one output tensor: the model, the file and name to read, the dtype
-    mergekit casts it to after reading (``None``: as stored)."""
+    """One input of one output tensor: the model, the file and name to read, where its
+    bytes lie in the file (absolute ``offset``, ``nbytes``), its stored dtype and shape,
+    and the dtype mergekit casts it to after reading (``None``: as stored)."""
 
     model: Any  # mergekit.common.ModelReference
     file: str
     name: str
     dtype: torch.dtype | None
+    offset: int
+    nbytes: int
+    stored: torch.dtype
+    shape: tuple[int, ...]
 
 
 @dataclass
@@ -185,11 +190,12 @@ class Plan:
         return sum(j.nbytes for j in self.jobs)
 
 
-def _header_info(file: str) -> dict[str, Any]:
-    """The JSON header of a safetensors file (name -> {dtype, shape, data_offsets})."""
+def _header_info(file: str) -> tuple[int, dict[str, Any]]:
+    """Where a safetensors file's data starts, and its JSON header (name -> {dtype, shape,
+    data_offsets relative to the data start})."""
     with open(file, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
-        return json.loads(fh.read(n))
+        return 8 + n, json.loads(fh.read(n))
 
 
 def plan(merge_config: Any, options: Any, out_path: str) -> Plan:
@@ -257,8 +263,18 @@ def plan(merge_config: Any, options: Any, out_path: str) -> Plan:
                 raise HandOver(f"{file} is not a safetensors file")
             if file not in headers:
                 headers[file] = _header_info(file)
-            shapes.add(tuple(headers[file][name]["shape"]))
-            loads.append(Load(arg.model, file, name, _dtype(arg.dtype)))
+            data, info = headers[file]
+            entry = info[name]
+            start, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            shapes.add(shape)
+            stored = _torch_dtype(entry["dtype"], file)
+            load = Load(
+                arg.model, file, name, _dtype(arg.dtype), data + start, end - start, stored, shape
+            )
+            if load.nbytes != _numel(shape) * stored.itemsize:
+                raise MergebakeError(f"{file}: {name} has {load.nbytes} bytes for {shape} {stored}")
+            loads.append(load)
         if len(shapes) != 1:
             raise HandOver(f"{save.tensor_name}: inputs differ in shape {sorted(shapes)}")
         (shape,) = shapes
@@ -311,6 +327,14 @@ def _layout(jobs: list[Job], max_shard_size: int) -> list[Shard]:
             pos += job.nbytes
         shards.append(Shard(name, ordered, header))
     return shards
+
+
+def _torch_dtype(code: str, file: str) -> torch.dtype:
+    from safetensors.torch import _TYPES
+
+    if code not in _TYPES:
+        raise HandOver(f"{file}: safetensors dtype {code} is not read by the stream engine")
+    return _TYPES[code]
 
 
 def _st_dtype(dtype: torch.dtype) -> str:
@@ -547,27 +571,38 @@ def _zero_task_vectors(job: Job, tensors: dict[Any, torch.Tensor]) -> bool:
 
 
 class _Reader:
-    """Thread-local ``safe_open`` handles, one per (thread, file)."""
+    """Reads input tensors with ``os.preadv`` into fresh tensors: one copy from the page
+    cache, and no mapping of the input files, so the process's resident memory holds the
+    tensors in flight only (a ``safe_open`` mapping counts every page it touched)."""
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, file: str) -> int:
+        with self._lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(file, os.O_RDONLY)
+            return self._fds[file]
 
     def get(self, load: Load) -> torch.Tensor:
-        from safetensors import safe_open
-
-        handles = getattr(self._local, "handles", None)
-        if handles is None:
-            handles = self._local.handles = {}
-        fh = handles.get(load.file)
-        if fh is None:
-            fh = handles[load.file] = safe_open(load.file, framework="pt", device="cpu")
-        x = fh.get_tensor(load.name)
+        x = torch.empty(load.shape, dtype=load.stored)
+        buf = _as_bytes(x)
+        fd, done = self._fd(load.file), 0
+        while done < load.nbytes:
+            n = os.preadv(fd, [buf[done:]], load.offset + done)
+            if n <= 0:
+                raise MergebakeError(f"{load.file}: ended before {load.name}'s data")
+            done += n
         if load.dtype is not None and load.dtype != x.dtype:
-            x = x.to(dtype=load.dtype)
+            x = x.to(dtype=load.dtype)  # LoadTensor's cast to the recipe's dtype
         return x
 
     def close(self) -> None:
-        self._local = threading.local()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
 
 @dataclass
