@@ -12,7 +12,8 @@ of worker threads, and writes every shard straight to its final place in the fil
   ``mergekit.io.tensor_writer.TensorWriter`` decides it while writing;
 - each shard's safetensors header is laid out as ``safetensors`` lays it out (tensors
   ordered by dtype, then name; compact JSON padded with spaces to 8 bytes), so each tensor
-  can be written at its offset as soon as it is computed (``os.pwrite``). Memory holds the
+  can be written at its offset as soon as it is computed (``os.pwrite``). Inputs are read
+  with ``os.preadv`` at the offsets in their headers (no memory mapping). Memory holds the
   tensors in flight only (about ``workers`` x the largest tensor's working set), where
   mergekit holds a whole shard (up to ``out_shard_size``) before writing it.
 
@@ -34,7 +35,9 @@ than mergekit at mergekit's own numerics:
 linear-time threshold selection (:func:`fast_sparsify`): it keeps exactly the entries a
 *stable* sort would keep (among equal magnitudes at the cut-off, lowest flat index first),
 where mergekit keeps the ones its non-stable ``torch.argsort`` happens to put first. The
-result differs from mergekit's only at entries whose magnitude equals the cut-off.
+result differs from mergekit's only at entries whose magnitude equals the cut-off. (It is
+put in place of ``sparsify`` in ``mergekit.merge_methods.generalized_task_arithmetic`` for
+the duration of the merge, so the rest of the arithmetic stays mergekit's own.)
 
 What the engine does not reproduce it reports as a hand-over reason
 (:func:`support_problem`, :func:`plan`), and the caller runs mergekit instead: randomised
