@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("validate", cmd_validate, "validate a config and list its cells")
     sp.add_argument("config", type=Path, nargs="?", default=Path("config.yaml"))
 
-    sp = add("demo-base", cmd_demo_base, "generate a tiny synthetic Gemma-3 or Gemma-4 base (demo grids)")
+    sp = add("demo-base", cmd_demo_base, "generate a tiny Gemma-3 or Gemma-4 base (demo grids)")
     sp.add_argument("--out", type=Path, required=True)
     sp.add_argument("--arch", choices=list(DEMO_ARCHES), required=True)
     sp.add_argument("--layers", type=int, default=2)

@@ -1,9 +1,12 @@
-"""Merge one cell: render its mergekit recipe, run mergekit, verify, record provenance.
+"""Merge one cell: render its mergekit recipe, run an engine, verify, record provenance.
 
 mergekit is always given an explicit ``base_model`` and absolute local paths, writes no
 model card (its card looks local paths up on the Hub), and runs in-process through
-``mergekit.merge.run_merge``. The output only appears at ``out`` once mergekit finished
-and :func:`mergebake.verify.verify_checkpoint` accepted it against the normalised base.
+``mergekit.merge.run_merge``. The ``stream`` engine (:mod:`mergebake.merge_stream`) writes
+the same bytes faster from the same rendered recipe, and hands over to mergekit what it
+does not reproduce; the log and ``provenance.json`` say which engine ran and why. The
+output only appears at ``out`` once the engine finished and
+:func:`mergebake.verify.verify_checkpoint` accepted it against the normalised base.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from . import MergebakeError
 from .checkpoint import copy_assets, read_config, weight_files
 from .config import render_recipe
 from .device import resolve_device
+from .merge_stream import ENGINES, SELECTIONS, HandOver, stream_merge, support_problem
 from .outputs import atomic_dir, write_provenance
 from .verify import VerificationError, verify_checkpoint
 
@@ -47,6 +51,9 @@ def merge_cell(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     device: str = "auto",
+    engine: str = "mergekit",
+    selection: str = "exact",
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Merge the normalised ``models`` (adapter name -> folder) over ``base`` into ``out``.
 
@@ -58,15 +65,36 @@ def merge_cell(
     before it is renamed into place. ``device`` is mergekit's device, resolved by
     :func:`mergebake.device.resolve_device` (``auto``: CUDA when usable, else the CPU).
 
-    Returns ``{"recipe": rendered dict, "seconds": wall time}``. Raises
-    :class:`MergebakeError` for missing/unsafe inputs, a bad recipe or an unusable
-    ``cuda`` device (before mergekit runs) and :class:`mergebake.verify.VerificationError`
-    when the output is defective; in every failure ``out`` is left absent (or as it was).
+    ``engine`` (config ``merge.engine``) is ``"mergekit"`` (``run_merge``) or ``"stream"``
+    (:func:`mergebake.merge_stream.stream_merge`: byte-identical output, ``workers``
+    threads, default one per core); a recipe the stream engine does not reproduce
+    (randomised methods such as DARE/DELLA, slices, tokenizer merging, a CUDA device, ...)
+    runs through mergekit, and the log says why. ``selection`` (``merge.selection``) is
+    ``"exact"`` or ``"fast"``: the stream engine's linear-time magnitude trimming
+    (:func:`mergebake.merge_stream.fast_sparsify`; differs from mergekit only among entries
+    whose magnitude equals the cut-off). Provenance records ``engine``, ``engine_reason``
+    (why mergekit ran where the stream engine was asked, else ``None``) and the
+    ``selection`` that made the weights (``"fast"`` only where fast trimming was applied).
+
+    Returns ``{"recipe": rendered dict, "engine": str, "engine_reason": str | None,
+    "selection": str, "seconds": wall time}`` (plus the stream engine's figures under
+    ``"stream"`` when it ran). Raises :class:`MergebakeError` for missing/unsafe inputs, an
+    unknown engine or selection, a bad recipe or an unusable ``cuda`` device (before any
+    engine runs) and :class:`mergebake.verify.VerificationError` when the output is
+    defective; in every failure ``out`` is left absent (or as it was).
     """
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions, parse_kmb
 
+    if engine not in ENGINES:
+        raise MergebakeError(f"key 'merge.engine': {engine!r} is unknown; choose one of {ENGINES}")
+    if selection not in SELECTIONS:
+        raise MergebakeError(
+            f"key 'merge.selection': {selection!r} is unknown; choose one of {SELECTIONS}"
+        )
+    if workers is not None and workers < 1:
+        raise MergebakeError(f"merge workers must be at least 1, not {workers}")
     t0 = time.perf_counter()
     device = resolve_device(device)  # auto: CUDA if usable, else CPU with a warning
     base = Path(base).resolve()
@@ -97,9 +125,48 @@ def merge_cell(
         device=device,
         lazy_unpickle=False,
     )
+    method = rendered["merge_method"]
+    reason = None
+    if engine == "stream":
+        reason = support_problem(merge_config, options)
+    stats = None
     with atomic_dir(out) as tmp:
-        log.info("mergekit %s over %s -> %s", rendered["merge_method"], base, out)
-        run_merge(merge_config, str(tmp), options=options, config_source=source)
+        if engine == "stream" and reason is None:
+            try:
+                stats = stream_merge(
+                    merge_config,
+                    str(tmp),
+                    options,
+                    workers=workers,
+                    selection=selection,
+                    config_source=source,
+                )
+            except HandOver as e:  # found while planning, before anything was written
+                reason = str(e)
+        if stats is not None:
+            log.info(
+                "merge engine: stream (%s over %s -> %s; selection %s, %d workers, %d of %d "
+                "tensors computed, %d with zero task vectors taken from the base)",
+                method,
+                base,
+                out,
+                stats["selection"],
+                stats["workers"],
+                stats["computed"],
+                stats["tensors"],
+                stats["shortcut"],
+            )
+        else:
+            if engine == "stream":
+                log.info("merge engine: mergekit, not stream: %s", reason)
+            else:
+                log.info("merge engine: mergekit (merge.engine: mergekit)")
+            if selection == "fast":
+                log.info("merge selection: exact (fast selection is the stream engine's)")
+            log.info("mergekit %s over %s -> %s", method, base, out)
+            run_merge(merge_config, str(tmp), options=options, config_source=source)
+        ran = "stream" if stats is not None else "mergekit"
+        made_by = stats["selection"] if stats is not None else "exact"
         copy_assets(base, tmp, processor=False, link=False)  # the base's tokenizer, as is
         (tmp / "recipe.yaml").write_text(source)
         try:
@@ -116,7 +183,19 @@ def merge_cell(
                 "parameters": dict(parameters),
                 "dtype": dtype,
                 "out_shard_size": out_shard_size,
+                "engine": ran,
+                "engine_reason": reason,
+                "selection": made_by,
             },
             seed=seed,
         )
-    return {"recipe": rendered, "seconds": time.perf_counter() - t0}
+    res = {
+        "recipe": rendered,
+        "engine": ran,
+        "engine_reason": reason,
+        "selection": made_by,
+        "seconds": time.perf_counter() - t0,
+    }
+    if stats is not None:
+        res["stream"] = stats
+    return res

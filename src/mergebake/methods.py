@@ -102,9 +102,14 @@ class Method:
     and are seeded with the config's ``seed``. ``factor`` scales the size term of the merge
     job's memory and runtime (:mod:`mergebake.resources`; 1 = a weighted sum).
     ``applies`` is ``False`` for a method that builds no merge of a group (the reason in
-    ``doc``); it has no recipe. Adapter-space methods (:data:`ADAPTER_METHODS`, ``space =
-    "adapter"``) are PEFT ``combination_type`` values; ``equal_ranks`` says PEFT requires
-    the adapters to have the same rank, ``rank`` how PEFT picks the merged adapter's rank.
+    ``doc``); it has no recipe. ``engines`` names the merge engines that can run it
+    (:mod:`mergebake.merge_stream` for ``stream``, byte-identical to mergekit): every
+    deterministic method; randomised ones (and ``arcee_fusion``, which samples quantiles with
+    torch's global RNG on large tensors) only through ``mergekit``, whose RNG order decides
+    their result.
+    Adapter-space methods (:data:`ADAPTER_METHODS`, ``space = "adapter"``) are PEFT
+    ``combination_type`` values; ``equal_ranks`` says PEFT requires the adapters to have the
+    same rank, ``rank`` how PEFT picks the merged adapter's rank.
     """
 
     name: str
@@ -115,7 +120,7 @@ class Method:
     adapters: tuple[int, int | None] = (1, None)
     base: str = "required"
     space: str = "weight"
-    engines: tuple[str, ...] = ("mergekit",)
+    engines: tuple[str, ...] = ("stream", "mergekit")
     randomised: bool = False
     factor: float = 1.0
     applies: bool = True
@@ -172,7 +177,10 @@ def _gta(
         Param("rescale", "global", bool, rescale, "rescale kept entries by 1/density"),
         _INT8_MASK,
     )
-    return Method(name, title, reference, doc, params, randomised=randomised, factor=factor)
+    engines = ("mergekit",) if randomised else ("stream", "mergekit")
+    return Method(
+        name, title, reference, doc, params, engines=engines, randomised=randomised, factor=factor
+    )
 
 
 _GAMMA = Param(
@@ -409,6 +417,7 @@ METHODS: dict[str, Method] = {
             "fuse the adapter into the base where their difference is salient",
             (),
             adapters=(1, 1),
+            engines=("mergekit",),  # quantiles sampled with torch's global RNG (> 1M entries)
             factor=1.5,
         ),
         Method(
@@ -440,6 +449,7 @@ METHODS: dict[str, Method] = {
             (),
             adapters=(1, 1),
             base="ignored",
+            engines=("mergekit",),
             applies=False,
         ),
     )
