@@ -6,8 +6,10 @@ from __future__ import annotations
 from _workflow import demo_config
 
 
-def big_config(sizes: int, variants: int, methods: int) -> dict:
-    """A config of ``sizes × variants × methods`` cells (one group ``eng-nob``)."""
+def big_config(sizes: int, variants: int, methods: int, base_path: str | None = None) -> dict:
+    """A config of ``sizes × variants × methods`` cells (one group ``eng-nob``).
+
+    Bases are demo bases, or all the local checkpoint ``base_path`` when given."""
     cfg = demo_config()
     size_names = [f"{i + 1}b" for i in range(sizes)]
     variant_names = [f"v{i:02d}" for i in range(variants)]
@@ -16,7 +18,11 @@ def big_config(sizes: int, variants: int, methods: int) -> dict:
         for j, v in enumerate(variant_names):
             base = f"{s}-{v}"
             seed = 1000 * i + j
-            cfg["bases"][base] = {"demo": {"arch": "text", "layers": 1, "seed": seed}}
+            cfg["bases"][base] = (
+                {"path": base_path}
+                if base_path
+                else {"demo": {"arch": "text", "layers": 1, "seed": seed}}
+            )
             cfg["adapters"][base] = {
                 "eng": {"demo": {"skill": "eng", "seed": 2 * seed}},
                 "nob": {"demo": {"skill": "nob", "seed": 2 * seed + 1}},

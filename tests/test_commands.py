@@ -84,8 +84,9 @@ def test_demo_commands_match_the_argv_the_rules_ran_before():
         *["--base", "results/text/4b-open/_base"],
         *["--model", "eng=results/text/4b-open/eng", "--model", "nob=results/text/4b-open/nob"],
         *["--parameters", '{"weight": {"eng": 0.5, "nob": 0.5}}', "--seed", "1234"],
-        *["--out-shard-size", "5B", "--device", "auto", "--out", "results/merged/4b-open/eng-nob__linear"],
-    ]  # fmt: skip
+        *["--out-shard-size", "5B", "--device", "auto"],
+        *["--out", "results/merged/4b-open/eng-nob__linear"],
+    ]
     assert commands.command_line(plan, "demo_base", {"base": "12b-std"}) == (
         "mergebake demo-base --out resources/bases/12b-std --arch multimodal --layers 4 --seed 1201"
     )
@@ -93,7 +94,9 @@ def test_demo_commands_match_the_argv_the_rules_ran_before():
         "mergebake bake --base resources/bases/1b-std --adapter resources/adapters/1b-std/nob"
         " --out results/baked/1b-std/nob --engine stream --device cpu"
     )
-    assert commands.command_line(plan, "upload", wc).endswith("--repo mergebake/gemma-3-demo-merges --private")
+    assert commands.command_line(plan, "upload", wc).endswith(
+        "--repo mergebake/gemma-3-demo-merges --private"
+    )
 
 
 def test_hub_commands_carry_subfolder_pin_and_an_empty_repo_quoted(tmp_path):
@@ -116,7 +119,9 @@ def test_hub_commands_carry_subfolder_pin_and_an_empty_repo_quoted(tmp_path):
         "mergebake pin --repo org/base --revision main --config-key bases.1b-std.hub"
         " --out resources/pins/org--base@main.json"
     )
-    up = commands.command_line(plan, "upload", {"base": "1b-std", "group": "eng-nob", "method": "ties"})
+    up = commands.command_line(
+        plan, "upload", {"base": "1b-std", "group": "eng-nob", "method": "ties"}
+    )
     assert "--repo ''" in up
     with pytest.raises(KeyError, match="no mergebake command"):
         commands.build(plan, "payload", {"payload": "report_rows"})

@@ -51,8 +51,7 @@ def test_index_agrees_with_lm_evals_task_manager(folder):
         for name, e in tm.task_index.items()
     }
     assert {
-        name: (e.kind, e.yaml_path.resolve() if e.yaml_path else None)
-        for name, e in ours.items()
+        name: (e.kind, e.yaml_path.resolve() if e.yaml_path else None) for name, e in ours.items()
     } == theirs
     assert set(ours) == {"task_a", "task_b", "task_c", "grp", "mytag"}
 

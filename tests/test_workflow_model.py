@@ -86,9 +86,7 @@ def test_report_rows_cover_cells_and_baselines_sorted():
         "eval": "results/eval/12b-open/eng.json",
     }
     merge = [r for r in rows if r["kind"] == "merge"]
-    assert {r["eval"] for r in merge} == {
-        f"results/eval/{c.base}/{c.name}.json" for c in p.cells
-    }
+    assert {r["eval"] for r in merge} == {f"results/eval/{c.base}/{c.name}.json" for c in p.cells}
     assert json.loads(p.payload("report_rows")) == rows
     cfg = demo_config()
     cfg["eval"]["baselines"] = False
@@ -165,7 +163,9 @@ def test_job_resources_follow_the_resource_model(tmp_path):
         resources.job_resources("bake", resources.estimate("1b", {"demo": {}}), model="bake_stream")
     )
     assert p.job_resources("report", {}) == resources.job_resources("report", None)
-    assert p.job_resources("merge", wc, attempt=2)["mem_mb"] > p.job_resources("merge", wc)["mem_mb"]
+    assert (
+        p.job_resources("merge", wc, attempt=2)["mem_mb"] > p.job_resources("merge", wc)["mem_mb"]
+    )
     over = p.job_resources("merge", wc, overrides={"mem_per_gb": 4096})
     assert over == resources.job_resources(
         "merge", demo, factor=1.5, overrides={"mem_per_gb": 4096}
@@ -212,8 +212,7 @@ def test_eval_inputs_list_the_task_files_the_tasks_read(tmp_path, monkeypatch):
     tasks = Path("mytasks")
     tasks.mkdir()
     (tasks / "a.yaml").write_text(
-        "task: task_a\ndataset_path: json\n"
-        "dataset_kwargs:\n  data_files:\n    test: data/a.jsonl\n"
+        "task: task_a\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data/a.jsonl\n"
     )
     (tasks / "b.yaml").write_text("task: task_b\ndataset_path: json\n")
     Path("data").mkdir()
