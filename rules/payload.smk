@@ -12,6 +12,10 @@ rule payload:
     wildcard_constraints:
         payload=PAYLOADS,
     localrule: True
+    resources:
+        mem_mb=500,
+        runtime=5,
+        disk_mb=10,
     params:
         content=get_payload,
     run:
