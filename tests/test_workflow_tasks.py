@@ -27,7 +27,7 @@ def built(demo, tmp_path_factory) -> tuple[Path, Path]:
         shutil.copy(wd / f"resources/demo/tasks/{skill}.jsonl", wd / f"data/{task}.jsonl")
         text = (wd / f"resources/demo/tasks/demo_{skill}.yaml").read_text()
         text = text.replace(f"task: demo_{skill}", f"task: {task}")
-        old = str((wd / f"resources/demo/tasks/{skill}.jsonl").resolve())
+        old = str((demo / f"resources/demo/tasks/{skill}.jsonl").resolve())  # written there
         assert old in text
         # relative data_files resolve against the working directory (lm-eval, DESIGN.md)
         text = text.replace(f'"{old}"', f'"data/{task}.jsonl"')
