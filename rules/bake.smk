@@ -5,7 +5,7 @@ rule bake:
     input:
         unpack(get_bake_inputs),
     output:
-        maybe_temp(directory("results/baked/{base}/{adapter}")),
+        maybe_temp(directory(LAYOUT["baked"])),
     log:
         "logs/bake/{base}/{adapter}.log",
     benchmark:
@@ -19,7 +19,6 @@ rule bake:
         disk_mb=get_disk_mb,
         gpu=get_gpu,
     params:
-        flags=get_bake_flags,
+        cmd=get_command("bake"),
     shell:
-        "mergebake bake --base {input.base} --adapter {input.adapter} --out {output}"
-        " {params.flags} --threads {threads} > {log} 2>&1"
+        "{params.cmd} --threads {threads} > {log:q} 2>&1"

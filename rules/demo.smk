@@ -3,7 +3,7 @@
 
 rule demo_base:
     output:
-        directory("resources/bases/{base}"),
+        directory(LAYOUT["base"]),
     log:
         "logs/demo_base/{base}.log",
     benchmark:
@@ -18,18 +18,16 @@ rule demo_base:
         runtime=get_runtime,
         disk_mb=get_disk_mb,
     params:
-        spec=get_demo_base,
+        cmd=get_command("demo_base"),
     shell:
-        "mergebake demo-base --out {output} --arch {params.spec[arch]}"
-        " --layers {params.spec[layers]} --seed {params.spec[seed]}"
-        " --threads {threads} > {log} 2>&1"
+        "{params.cmd} --threads {threads} > {log:q} 2>&1"
 
 
 rule demo_adapter:
     input:
         base=get_base_dir,
     output:
-        directory("resources/adapters/{base}/{adapter}"),
+        directory(LAYOUT["adapter"]),
     log:
         "logs/demo_adapter/{base}/{adapter}.log",
     benchmark:
@@ -44,16 +42,14 @@ rule demo_adapter:
         runtime=get_runtime,
         disk_mb=get_disk_mb,
     params:
-        spec=get_demo_adapter,
+        cmd=get_command("demo_adapter"),
     shell:
-        "mergebake demo-adapter --base {input.base} --out {output}"
-        " --skill {params.spec[skill]} --seed {params.spec[seed]}"
-        " --threads {threads} > {log} 2>&1"
+        "{params.cmd} --threads {threads} > {log:q} 2>&1"
 
 
 rule demo_tasks:
     output:
-        directory(DEMO_TASKS_DIR),
+        directory(LAYOUT["demo_tasks"]),
     log:
         "logs/demo_tasks/demo_tasks.log",
     conda:
@@ -63,5 +59,7 @@ rule demo_tasks:
         mem_mb=get_mem_mb,
         runtime=get_runtime,
         disk_mb=get_disk_mb,
+    params:
+        cmd=get_command("demo_tasks"),
     shell:
-        "mergebake demo-tasks --out {output} > {log} 2>&1"
+        "{params.cmd} > {log:q} 2>&1"

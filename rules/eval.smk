@@ -3,10 +3,10 @@
 
 rule eval_cell:
     input:
-        model="results/merged/{base}/{group}__{method}",
+        model=LAYOUT["merged"],
         tasks=get_task_inputs,
     output:
-        "results/eval/{base}/{group}__{method}.json",
+        LAYOUT["eval_cell"],
     log:
         "logs/eval_cell/{base}/{group}__{method}.log",
     benchmark:
@@ -20,18 +20,17 @@ rule eval_cell:
         disk_mb=get_disk_mb,
         gpu=get_gpu,
     params:
-        flags=get_eval_flags,
+        cmd=get_command("eval_cell"),
     shell:
-        "mergebake eval --model {input.model} --out {output} {params.flags}"
-        " --threads {threads} > {log} 2>&1"
+        "{params.cmd} --threads {threads} > {log:q} 2>&1"
 
 
 rule eval_baseline:
     input:
-        model="results/text/{base}/{row}",
+        model=LAYOUT["baseline_model"],
         tasks=get_task_inputs,
     output:
-        "results/eval/{base}/{row}.json",
+        LAYOUT["eval_baseline"],
     log:
         "logs/eval_baseline/{base}/{row}.log",
     benchmark:
@@ -47,7 +46,6 @@ rule eval_baseline:
         disk_mb=get_disk_mb,
         gpu=get_gpu,
     params:
-        flags=get_eval_flags,
+        cmd=get_command("eval_baseline"),
     shell:
-        "mergebake eval --model {input.model} --out {output} {params.flags}"
-        " --threads {threads} > {log} 2>&1"
+        "{params.cmd} --threads {threads} > {log:q} 2>&1"

@@ -11,7 +11,7 @@ localrules:
 
 rule pin:
     output:
-        "resources/pins/{pin}.json",
+        LAYOUT["pin"],
     log:
         "logs/pin/{pin}.log",
     wildcard_constraints:
@@ -19,16 +19,16 @@ rule pin:
     conda:
         ENV
     params:
-        args=get_pin_args,
+        cmd=get_command("pin"),
     shell:
-        "mergebake pin {params.args} --out {output} > {log} 2>&1"
+        "{params.cmd} > {log:q} 2>&1"
 
 
 rule fetch_base:
     input:
         pin=get_base_pin,
     output:
-        directory("resources/bases/{base}"),
+        directory(LAYOUT["base"]),
     log:
         "logs/fetch_base/{base}.log",
     wildcard_constraints:
@@ -41,18 +41,16 @@ rule fetch_base:
         runtime=get_runtime,
         disk_mb=get_disk_mb,
     params:
-        src=get_hub_base,
-        flags=get_fetch_base_flags,
+        cmd=get_command("fetch_base"),
     shell:
-        "mergebake fetch --repo {params.src[repo]} --revision {params.src[revision]}"
-        " {params.flags} --out {output} > {log} 2>&1"
+        "{params.cmd} > {log:q} 2>&1"
 
 
 rule fetch_adapter:
     input:
         pin=get_adapter_pin,
     output:
-        directory("resources/adapters/{base}/{adapter}"),
+        directory(LAYOUT["adapter"]),
     log:
         "logs/fetch_adapter/{base}/{adapter}.log",
     wildcard_constraints:
@@ -65,8 +63,6 @@ rule fetch_adapter:
         runtime=get_runtime,
         disk_mb=get_disk_mb,
     params:
-        src=get_hub_adapter,
-        flags=get_fetch_adapter_flags,
+        cmd=get_command("fetch_adapter"),
     shell:
-        "mergebake fetch --repo {params.src[repo]} --revision {params.src[revision]}"
-        " {params.flags} --out {output} > {log} 2>&1"
+        "{params.cmd} > {log:q} 2>&1"

@@ -3,11 +3,11 @@
 
 rule merge:
     input:
-        base="results/text/{base}/_base",
+        base=LAYOUT["text_base"],
         models=get_merge_models,
         recipe=get_recipe,
     output:
-        directory("results/merged/{base}/{group}__{method}"),
+        directory(LAYOUT["merged"]),
     log:
         "logs/merge/{base}/{group}__{method}.log",
     benchmark:
@@ -21,10 +21,6 @@ rule merge:
         disk_mb=get_disk_mb,
         gpu=get_gpu,
     params:
-        parameters=get_cell_parameters,
-        models=get_model_args,
-        flags=get_merge_flags,
+        cmd=get_command("merge"),
     shell:
-        "mergebake merge --recipe {input.recipe} --base {input.base} {params.models}"
-        " --parameters {params.parameters:q} {params.flags} --out {output}"
-        " --threads {threads} > {log} 2>&1"
+        "{params.cmd} --threads {threads} > {log:q} 2>&1"

@@ -5,7 +5,7 @@ rule normalise_base:
     input:
         unpack(get_base_inputs),
     output:
-        maybe_temp(directory("results/text/{base}/_base")),
+        maybe_temp(directory(LAYOUT["text_base"])),
     log:
         "logs/normalise_base/{base}.log",
     benchmark:
@@ -17,15 +17,17 @@ rule normalise_base:
         mem_mb=get_mem_mb,
         runtime=get_runtime,
         disk_mb=get_disk_mb,
+    params:
+        cmd=get_command("normalise_base"),
     shell:
-        "mergebake normalise --src {input.base} --out {output} > {log} 2>&1"
+        "{params.cmd} > {log:q} 2>&1"
 
 
 rule normalise_baked:
     input:
-        "results/baked/{base}/{adapter}",
+        LAYOUT["baked"],
     output:
-        maybe_temp(directory("results/text/{base}/{adapter}")),
+        maybe_temp(directory(LAYOUT["text"])),
     log:
         "logs/normalise_baked/{base}/{adapter}.log",
     benchmark:
@@ -37,5 +39,7 @@ rule normalise_baked:
         mem_mb=get_mem_mb,
         runtime=get_runtime,
         disk_mb=get_disk_mb,
+    params:
+        cmd=get_command("normalise_baked"),
     shell:
-        "mergebake normalise --src {input} --out {output} > {log} 2>&1"
+        "{params.cmd} > {log:q} 2>&1"

@@ -3,7 +3,8 @@
 
 rule report:
     input:
-        get_report_evals,
+        evals=get_report_evals,
+        rows=payload("report_rows"),
     output:
         REPORT_OUTPUTS,
     log:
@@ -16,9 +17,6 @@ rule report:
         runtime=get_runtime,
         disk_mb=get_disk_mb,
     params:
-        rows=get_report_rows,
-        baseline=config["report"]["baseline"],
-        metrics=get_report_metrics,
+        cmd=get_command("report"),
     shell:
-        "mergebake report --rows {params.rows:q} --out-dir results/report"
-        " --baseline {params.baseline} {params.metrics} > {log} 2>&1"
+        "{params.cmd} > {log:q} 2>&1"

@@ -10,13 +10,14 @@ localrules:
 
 rule upload:
     input:
-        cell="results/merged/{base}/{group}__{method}",
-        scores="results/eval/{base}/{group}__{method}.json",
+        cell=LAYOUT["merged"],
+        scores=LAYOUT["eval_cell"],
         baseline=get_hub_baseline_eval,
         sources=get_hub_sources,
+        card=get_card_payload,
     output:
-        receipt="results/uploaded/{base}/{group}__{method}.json",
-        card="results/cards/{base}/{group}__{method}.md",
+        receipt=LAYOUT["receipt"],
+        card=LAYOUT["card"],
     log:
         "logs/upload/{base}/{group}__{method}.log",
     conda:
@@ -27,21 +28,19 @@ rule upload:
         runtime=get_runtime,
         disk_mb=get_disk_mb,
     params:
-        flags=get_upload_flags,
-        path_in_repo="{base}/{group}__{method}",
-        card=get_hub_card,
+        cmd=get_command("upload"),
     shell:
-        "mergebake upload --cell {input.cell} --scores {input.scores} --card {params.card:q}"
-        " --card-out {output.card} --receipt {output.receipt}"
-        " --path-in-repo {params.path_in_repo} {params.flags} > {log} 2>&1"
+        "{params.cmd} > {log:q} 2>&1"
 
 
 rule hub_readme:
     input:
         receipts=get_hub_receipts,
+        rows=payload("hub_readme_rows"),
+        meta=payload("hub_meta"),
     output:
-        receipt=HUB_README_RECEIPT,
-        readme="results/cards/README.md",
+        receipt=LAYOUT["hub_readme_receipt"],
+        readme=LAYOUT["hub_readme"],
     log:
         "logs/hub_readme/hub_readme.log",
     conda:
@@ -52,9 +51,6 @@ rule hub_readme:
         runtime=get_runtime,
         disk_mb=get_disk_mb,
     params:
-        flags=get_upload_flags,
-        rows=get_hub_readme_rows,
-        meta=get_hub_meta,
+        cmd=get_command("hub_readme"),
     shell:
-        "mergebake hub-readme --rows {params.rows:q} --meta {params.meta:q}"
-        " --receipt {output.receipt} --readme-out {output.readme} {params.flags} > {log} 2>&1"
+        "{params.cmd} > {log:q} 2>&1"

@@ -39,7 +39,8 @@ def test_gemma3_example_plans_the_14_cell_grid_with_fetch_jobs(tmp_path: Path):
         "report": 1,
         "upload": 14,
         "hub_readme": 1,
+        "payload": 4 + 14,  # report rows, README rows and meta, eval tasks; a card per cell
         "all": 1,
-        "total": 118,
+        "total": 136,
     }
     assert "mergebake fetch --repo google/gemma-3-12b-it --revision main" in p.stdout

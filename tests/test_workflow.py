@@ -121,6 +121,9 @@ def test_adding_a_base_schedules_only_its_cells(copy_of):
     jobs = planned_jobs(copy_of, write_config(copy_of / "changed.yaml", cfg))
     b = "27b-open"
     assert jobs == _merge_jobs([(b, "eng-nob__ties")]) | REPORT | {
+        ("payload", f"results/payloads/cards/{b}/eng-nob__ties.json"),
+        ("payload", "results/payloads/report_rows.json"),
+        ("payload", "results/payloads/hub_readme_rows.json"),
         ("demo_base", f"resources/bases/{b}"),
         ("demo_adapter", f"resources/adapters/{b}/eng"),
         ("demo_adapter", f"resources/adapters/{b}/nob"),

@@ -34,6 +34,17 @@ def _kv(items: list[str] | None, flag: str) -> dict[str, Path]:
     return out
 
 
+def _read(path: Path, flag: str) -> str:
+    """The text of the file a ``--*-file`` option names; a clear error when unreadable."""
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise MergebakeError(
+            f"{flag} {path}: cannot read the file ({e.strerror or e}); the workflow writes it "
+            "with its payload rule, so run that rule (or give the option a readable file)"
+        ) from e
+
+
 def _json(text: str, flag: str):
     try:
         return json.loads(text)
@@ -141,7 +152,11 @@ def cmd_eval(a: argparse.Namespace) -> None:
     evaluate(
         a.model,
         a.out,
-        tasks=_json(a.tasks, "--tasks"),
+        tasks=(
+            _json(_read(a.tasks_file, "--tasks-file"), "--tasks-file")
+            if a.tasks_file
+            else _json(a.tasks, "--tasks")
+        ),
         include_path=a.include_path,
         seed=a.seed,
         batch_size=a.batch_size,
@@ -155,8 +170,11 @@ def cmd_eval(a: argparse.Namespace) -> None:
 def cmd_report(a: argparse.Namespace) -> None:
     from .report import build_report
 
-    text = Path(a.rows[1:]).read_text() if a.rows.startswith("@") else a.rows
-    rows = _json(text, "--rows")
+    if a.rows_file:
+        rows = _json(_read(a.rows_file, "--rows-file"), "--rows-file")
+    else:
+        text = _read(Path(a.rows[1:]), "--rows @") if a.rows.startswith("@") else a.rows
+        rows = _json(text, "--rows")
     ranking = build_report(rows, a.out_dir, baseline=a.baseline, metrics=a.metric)
     print(json.dumps(ranking, indent=2, default=str))
 
@@ -164,12 +182,18 @@ def cmd_report(a: argparse.Namespace) -> None:
 def cmd_upload(a: argparse.Namespace) -> None:
     from .upload import cli_upload
 
+    if a.card_file:  # the workflow's payload file; cli_upload reads --card
+        a.card = _read(a.card_file, "--card-file")
     cli_upload(a)
 
 
 def cmd_hub_readme(a: argparse.Namespace) -> None:
     from .upload import cli_hub_readme
 
+    if a.rows_file:  # the workflow's payload files; cli_hub_readme reads --rows/--meta
+        a.rows = _read(a.rows_file, "--rows-file")
+    if a.meta_file:
+        a.meta = _read(a.meta_file, "--meta-file")
     cli_hub_readme(a)
 
 
@@ -273,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("eval", cmd_eval, "score a checkpoint with lm-eval")
     sp.add_argument("--model", type=Path, required=True)
     sp.add_argument("--out", type=Path, required=True)
-    sp.add_argument("--tasks", required=True, help='JSON list of {"name", "num_fewshot"}')
+    tasks = sp.add_mutually_exclusive_group(required=True)
+    tasks.add_argument("--tasks", help='JSON list of {"name", "num_fewshot"}')
+    tasks.add_argument("--tasks-file", type=Path, help="file holding that JSON list")
     sp.add_argument("--include-path", type=Path)
     sp.add_argument("--seed", type=int, default=1234)
     sp.add_argument("--batch-size", default=1)
@@ -284,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int)
 
     sp = add("report", cmd_report, "write the pivot CSV, Markdown report and plots")
-    sp.add_argument("--rows", required=True, help="JSON list of rows, or @FILE holding it")
+    rows = sp.add_mutually_exclusive_group(required=True)
+    rows.add_argument("--rows", help="JSON list of rows, or @FILE holding it")
+    rows.add_argument("--rows-file", type=Path, help="file holding the JSON list of rows")
     sp.add_argument("--out-dir", type=Path, required=True)
     sp.add_argument("--baseline", default="base")
     sp.add_argument("--metric", action="append")

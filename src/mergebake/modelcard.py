@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
+from .config import BASE_ROW
 from .hub import commit_url, hub_url
-from .report import BASE_NAME, choose_columns, column_name, md_table, natural_key, read_eval
+from .report import choose_columns, column_name, md_table, natural_key, read_eval
 
 TAGS = ("merge", "mergekit", "lora")
 LIBRARY = "transformers"
@@ -51,19 +52,24 @@ def describe_source(entry: dict[str, Any]) -> dict[str, Any]:
 
     ``entry`` is ``{"name", "source": <config source>, "dir": <fetched folder or None>}``.
     """
-    src = entry.get("source") or {}
-    if "hub" in src:
-        hub = src["hub"]
+    from .config import ConfigError
+    from .workflow.sources import DemoSource, HubSource, PathSource, source_from_config
+
+    try:
+        src = source_from_config(entry.get("source") or {})
+    except ConfigError:
+        src = None
+    if isinstance(src, HubSource):
         return {
             "kind": "hub",
-            "repo": hub["repo"],
-            "subfolder": hub.get("subfolder"),
-            "revision": hub["revision"],
+            "repo": src.repo,
+            "subfolder": src.subfolder,
+            "revision": src.revision,
             "commit": _pinned(entry) or None,
-            "detail": hub["repo"] + (f" (`{hub['subfolder']}`)" if hub.get("subfolder") else ""),
+            "detail": src.repo + (f" (`{src.subfolder}`)" if src.subfolder else ""),
         }
-    if "demo" in src:
-        spec = ", ".join(f"{k} {v}" for k, v in sorted(src["demo"].items()))
+    if isinstance(src, DemoSource):
+        spec = ", ".join(f"{k} {v}" for k, v in src.params)
         return {
             "kind": "demo",
             "repo": None,
@@ -72,14 +78,14 @@ def describe_source(entry: dict[str, Any]) -> dict[str, Any]:
             "commit": None,
             "detail": f"generated demo ({spec})",
         }
-    if "path" in src:
+    if isinstance(src, PathSource):
         return {
             "kind": "path",
             "repo": None,
             "subfolder": None,
             "revision": None,
             "commit": None,
-            "detail": f"local folder `{Path(src['path']).name}`",
+            "detail": f"local folder `{Path(src.path).name}`",
         }
     return {
         "kind": "unknown",
@@ -263,7 +269,7 @@ def build_cell_card(cell_dir: Path, spec: dict[str, Any], summary: dict[str, Any
     ref = summary.get("baseline")
     if summary["metrics"]:
         ref_label = (
-            ("the base model" if ref == BASE_NAME else f"the base + `{ref}` adapter")
+            ("the base model" if ref == BASE_ROW else f"the base + `{ref}` adapter")
             if ref
             else None
         )

@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
-from .config import expand_grid
-from .resources import estimate
 
 log = logging.getLogger(__name__)
 
@@ -30,47 +28,12 @@ class PreflightError(MergebakeError):
     """One or more preflight checks failed; the message lists each, one per line."""
 
 
-def _base_folder(config: Mapping[str, Any], base: str, workdir: Path) -> Path:
-    src = config["bases"][base]
-    return Path(src["path"]) if "path" in src else workdir / "resources" / "bases" / base
-
-
-def _adapter_folder(config: Mapping[str, Any], base: str, adapter: str, workdir: Path) -> Path:
-    src = config["adapters"][base][adapter]
-    if "path" in src:
-        return Path(src["path"])
-    return workdir / "resources" / "adapters" / base / adapter
-
-
 def disk_needed(config: Mapping[str, Any], workdir: Path) -> int:
-    """Upper estimate, in bytes, of what the outputs not yet on disk will take.
+    """Upper estimate, in bytes, of what the outputs not yet on disk will take
+    (:meth:`mergebake.workflow.Plan.disk_needed`)."""
+    from .workflow import Plan
 
-    Counts a fetched copy of each missing base, a baked and a normalised checkpoint per
-    missing (base, adapter), a normalised base and a merged checkpoint per missing cell,
-    each the size of its base (:func:`mergebake.resources.estimate`; a base whose size
-    nothing tells counts 0). With ``temp_intermediates`` the baked and normalised
-    checkpoints are deleted as the run goes, so the estimate is an upper bound.
-    """
-    total = 0
-    cells = expand_grid(config)
-    for base in sorted({c.base for c in cells}):
-        size = base.split("-")[0]
-        folder = _base_folder(config, base, workdir)
-        planned = estimate(size, config["bases"][base], folder=folder)
-        nbytes = 0 if planned.basis == "default" else planned.total  # unknown: not counted
-        if not folder.exists():
-            total += nbytes
-        if not (workdir / "results" / "text" / base / "_base").exists():
-            total += nbytes
-        adapters = {a for c in cells if c.base == base for a in config["groups"][c.group]}
-        for a in adapters:
-            for stage in ("baked", "text"):
-                if not (workdir / "results" / stage / base / a).exists():
-                    total += nbytes
-        for c in cells:
-            if c.base == base and not (workdir / "results" / "merged" / base / c.name).exists():
-                total += nbytes
-    return total
+    return Plan(config).disk_needed(workdir)
 
 
 def check_local_paths(config: Mapping[str, Any]) -> None:
@@ -79,17 +42,18 @@ def check_local_paths(config: Mapping[str, Any]) -> None:
 
     Cheap, so the workflow runs it when it parses the config (dry runs included)."""
     from .config import ConfigError
+    from .workflow import PathSource, Plan
 
     problems = []
-    cells = expand_grid(config)
-    for base in sorted({c.base for c in cells}):
-        src = config["bases"][base]
-        if "path" in src and not Path(src["path"]).is_dir():
-            problems.append(f"key 'bases.{base}.path': {src['path']} does not exist")
-        for a in sorted({a for c in cells if c.base == base for a in config["groups"][c.group]}):
-            asrc = config["adapters"][base][a]
-            if "path" in asrc and not Path(asrc["path"]).is_dir():
-                problems.append(f"key 'adapters.{base}.{a}.path': {asrc['path']} does not exist")
+    plan = Plan(config)
+    for base in plan.bases:
+        src = plan.base_sources[base]
+        if isinstance(src, PathSource) and not Path(src.path).is_dir():
+            problems.append(f"key 'bases.{base}.path': {src.path} does not exist")
+        for a in plan.adapters[base]:
+            asrc = plan.adapter_sources[(base, a)]
+            if isinstance(asrc, PathSource) and not Path(asrc.path).is_dir():
+                problems.append(f"key 'adapters.{base}.{a}.path': {asrc.path} does not exist")
     if problems:
         raise ConfigError(
             "local input folder(s) not found; fix the path(s) or use a hub "
@@ -121,22 +85,24 @@ def preflight(
     workdir = Path(workdir)
     problems: list[str] = []
     notes: list[str] = []
-    cells = expand_grid(config)
-    for base in sorted({c.base for c in cells}):
-        src = config["bases"][base]
-        base_dir = _base_folder(config, base, workdir)
-        expected = src.get("hub", {}).get("repo") or src.get("path")
-        for a in sorted({a for c in cells if c.base == base for a in config["groups"][c.group]}):
-            if "path" not in config["adapters"][base][a] or not base_dir.is_dir():
+    from .workflow import PathSource, Plan
+
+    plan = Plan(config)
+    for base in plan.bases:
+        src = plan.base_sources[base]
+        base_dir = Path(src.path) if isinstance(src, PathSource) else workdir / plan.base_dir(base)
+        for a in plan.adapters[base]:
+            asrc = plan.adapter_sources[(base, a)]
+            if not isinstance(asrc, PathSource) or not base_dir.is_dir():
                 continue  # fetched/generated adapters are checked by their own bake job
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
                     bake_preflight(
                         base_dir,
-                        _adapter_folder(config, base, a, workdir),
+                        Path(asrc.path),
                         allow_pickle=config["allow_pickle"],
-                        expected_base=expected,
+                        expected_base=src.expected_base,
                         strict_base_match=config["bake"]["strict_base_match"],
                     )
                 except MergebakeError as e:

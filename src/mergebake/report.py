@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
+from .config import BASE_ROW
 from .evaluate import load_scores
 from .outputs import atomic_file
 
-BASE_NAME = "_base"
 KINDS = ("base", "adapter", "merge")
 ID_COLUMNS = ["size", "variant", "kind", "name"]
 CSV_NAME = "merge_eval_pivot.csv"
@@ -135,7 +135,7 @@ def choose_columns(evals: dict[int, _Eval], metrics: list[str] | None) -> list[t
 
 
 def _baseline_name(baseline: str) -> str:
-    return BASE_NAME if baseline in ("base", BASE_NAME) else baseline
+    return BASE_ROW if baseline in ("base", BASE_ROW) else baseline
 
 
 def _pivot(rows: list[dict], baseline: str, metrics: list[str] | None):
@@ -167,7 +167,7 @@ def _pivot(rows: list[dict], baseline: str, metrics: list[str] | None):
         records, columns=[*ID_COLUMNS, *names, "_base", "_row", "_group", "_method"]
     )
     ref_name = _baseline_name(baseline)
-    ref_kind = "base" if ref_name == BASE_NAME else "adapter"
+    ref_kind = "base" if ref_name == BASE_ROW else "adapter"
     refs = df[(df["name"] == ref_name) & (df["kind"] == ref_kind)].set_index("_base")
 
     status = []
@@ -270,7 +270,7 @@ def _markdown(df, names, delta_cols, ranking, baseline: str) -> str:
     ref = _baseline_name(baseline)
     ref_desc = (
         "the base model (`_base` row) of each base"
-        if ref == BASE_NAME
+        if ref == BASE_ROW
         else f"the single-adapter `{ref}` row of each base"
     )
     out = [
@@ -316,7 +316,7 @@ def _markdown(df, names, delta_cols, ranking, baseline: str) -> str:
     align = ["l", "l", "l", *["r"] * (len(names) + len(delta_cols) + 1), "l"]
 
     def row_cells(r) -> list[str]:
-        is_ref = r["name"] == ref and r["kind"] == ("base" if ref == BASE_NAME else "adapter")
+        is_ref = r["name"] == ref and r["kind"] == ("base" if ref == BASE_ROW else "adapter")
         name = f"**{r['name']}**" if is_ref else r["name"]
         note = "" if r["_status"] == "ok" else r["_status"]
         if is_ref and not note:

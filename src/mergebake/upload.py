@@ -506,7 +506,9 @@ def add_upload_arguments(sp) -> None:
     sp.add_argument("--enabled", action="store_true", help="really upload (else a dry run)")
     sp.add_argument("--private", action="store_true", help="create the repo private")
     sp.add_argument("--scores", type=Path, help="the cell's eval JSON (for the model card)")
-    sp.add_argument("--card", help="model card spec as JSON, or @FILE (see mergebake.modelcard)")
+    card = sp.add_mutually_exclusive_group()
+    card.add_argument("--card", help="model card spec as JSON, or @FILE (see mergebake.modelcard)")
+    card.add_argument("--card-file", type=Path, help="file holding the model card spec (JSON)")
     sp.add_argument("--card-out", type=Path, help="where to write the model card locally")
     sp.add_argument(
         "--retries", type=int, default=RETRIES, help="attempts for transient Hub failures"
@@ -514,12 +516,15 @@ def add_upload_arguments(sp) -> None:
 
 
 def add_hub_readme_arguments(sp) -> None:
-    sp.add_argument(
+    rows = sp.add_mutually_exclusive_group(required=True)
+    rows.add_argument(
         "--rows",
-        required=True,
         help="JSON list of cells {path_in_repo, size, variant, group, method, receipt}, or @FILE",
     )
-    sp.add_argument("--meta", help="JSON {license, languages, base_models}, or @FILE")
+    rows.add_argument("--rows-file", type=Path, help="file holding that JSON list")
+    meta = sp.add_mutually_exclusive_group()
+    meta.add_argument("--meta", help="JSON {license, languages, base_models}, or @FILE")
+    meta.add_argument("--meta-file", type=Path, help="file holding that JSON object")
     sp.add_argument("--receipt", type=Path, required=True)
     sp.add_argument("--readme-out", type=Path, help="where to write the README locally")
     sp.add_argument("--repo", required=True, help="results repo owner/name ('' for none)")

@@ -1,0 +1,549 @@
+"""The grid as the workflow builds it: cells, sources, baselines, inputs, payloads, sizing.
+
+:class:`Plan` is built once from a validated config (:func:`mergebake.config.load_config`)
+and answers every question a rule asks: which folder holds a base, which files a bake
+reads, which rows the report has, what a cell's model card says, which pins exist, what a
+job asks the scheduler for, and which jobs the grid has at all. ``rules/common.smk`` only
+wires these answers to rules; nothing here imports Snakemake, so all of it is unit-tested
+directly. Paths are relative to the working directory and come from
+:data:`mergebake.workflow.layout.LAYOUT`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .. import resources
+from ..config import BASE_ROW, ROOT, Cell, cell_parameters, expand_grid, recipe_path
+from ..fetch import is_commit_sha, pin_name
+from .layout import (
+    LAYOUT,
+    PAYLOAD_CARD,
+    PAYLOAD_EVAL_TASKS,
+    PAYLOAD_HUB_META,
+    PAYLOAD_HUB_ROWS,
+    PAYLOAD_REPORT_ROWS,
+    REPORT_OUTPUTS,
+    path,
+    payload_path,
+)
+from .sources import HubSource, PathSource, Source, source_from_config
+from .tasks import build_index, task_files
+
+Wildcards = Mapping[str, str]
+
+#: Per rule, the layout entry of the checkpoint its job reads (what sizes the job);
+#: ``base`` is the base's folder, wherever it is (fetched, generated or local).
+CHECKPOINT_OF = {
+    "demo_adapter": "base",
+    "bake": "base",
+    "normalise_base": "base",
+    "normalise_baked": "baked",
+    "merge": "text_base",
+    "eval_cell": "merged",
+    "eval_baseline": "baseline_model",
+    "upload": "merged",
+}
+#: Weight and config files of a local folder that are inputs of the jobs reading it.
+LOCAL_PATTERNS = ("*.safetensors", "*.json", "*.bin")
+
+
+def local_files(folder: str) -> list[str]:
+    """The weight and config files of a local checkpoint or adapter folder, sorted.
+
+    Snakemake judges a folder input by the folder's own timestamp, which rewriting a file
+    inside it does not change; listing the files makes new weights on disk rerun the jobs
+    that read them. A missing folder gives ``[folder]`` (Snakemake then names it missing).
+    """
+    d = Path(folder)
+    if not d.is_dir():
+        return [folder]
+    return sorted(str(p) for pat in LOCAL_PATTERNS for p in d.glob(pat) if p.is_file())
+
+
+def dumps(obj: Any) -> str:
+    """The canonical JSON of a payload or rule parameter (sorted keys)."""
+    return json.dumps(obj, sort_keys=True)
+
+
+class Plan:
+    """The workflow's view of a validated config.
+
+    ``config`` is what :func:`mergebake.config.load_config` returns (defaults filled);
+    ``workflow_dir`` holds ``recipes/`` (default: this checkout). Building a plan reads no
+    file; the task index of ``eval.include_path`` is read on first use.
+    """
+
+    def __init__(self, config: Mapping[str, Any], workflow_dir: str | os.PathLike | None = None):
+        self.config = config
+        self.workflow_dir = Path(workflow_dir) if workflow_dir else ROOT
+        self.cells: list[Cell] = expand_grid(config)
+        self._cell = {(c.base, c.group, c.method): c for c in self.cells}
+        self.size_of: dict[str, str] = {}
+        adapters: dict[str, set[str]] = {}
+        self.cells_of: dict[str, list[Cell]] = {}
+        for c in self.cells:
+            self.size_of.setdefault(c.base, c.size)
+            self.cells_of.setdefault(c.base, []).append(c)
+            adapters.setdefault(c.base, set()).update(config["groups"][c.group])
+        #: Bases of the grid, sorted; adapters per base, sorted.
+        self.bases: list[str] = sorted(adapters)
+        self.adapters: dict[str, list[str]] = {b: sorted(adapters[b]) for b in self.bases}
+        self.base_sources: dict[str, Source] = {
+            b: source_from_config(config["bases"][b], f"bases.{b}") for b in self.bases
+        }
+        self.adapter_sources: dict[tuple[str, str], Source] = {
+            (b, a): source_from_config(config["adapters"][b][a], f"adapters.{b}.{a}")
+            for b in self.bases
+            for a in self.adapters[b]
+        }
+
+    # ---- names -------------------------------------------------------------------
+
+    def cell(self, wc: Wildcards) -> Cell:
+        """The cell of wildcards ``base``, ``group``, ``method``; KeyError if not in the grid."""
+        key = (wc["base"], wc["group"], wc["method"])
+        if key not in self._cell:
+            raise KeyError(f"no cell {wc['base']}/{wc['group']}__{wc['method']} in the grid")
+        return self._cell[key]
+
+    def bases_from(self, kind: str) -> list[str]:
+        """Bases whose source is of ``kind`` (``hub``, ``path``, ``demo``)."""
+        return [b for b in self.bases if self.base_sources[b].kind == kind]
+
+    def adapters_from(self, kind: str) -> list[str]:
+        """Adapter names with a source of ``kind`` for some base (may repeat a name)."""
+        return [a for (b, a), s in self.adapter_sources.items() if s.kind == kind]
+
+    def all_adapters(self) -> list[str]:
+        return [a for b in self.bases for a in self.adapters[b]]
+
+    def baseline_rows(self) -> list[str]:
+        """Names of baseline rows: the base alone and each base + single adapter."""
+        return [BASE_ROW, *self.all_adapters()]
+
+    # ---- sources -----------------------------------------------------------------
+
+    def base_dir(self, base: str) -> str:
+        """Folder of the base checkpoint: a local path as given, else the fetched/generated copy."""
+        src = self.base_sources[base]
+        return src.path if isinstance(src, PathSource) else path("base", base=base)
+
+    def adapter_dir(self, base: str, adapter: str) -> str:
+        """Folder of the LoRA adapter for (base, adapter)."""
+        src = self.adapter_sources[(base, adapter)]
+        if isinstance(src, PathSource):
+            return src.path
+        return path("adapter", base=base, adapter=adapter)
+
+    def bake_inputs(self, wc: Wildcards) -> dict[str, Any]:
+        """Named inputs of a bake: the base and adapter folders, plus the files of local ones."""
+        base, adapter = wc["base"], wc["adapter"]
+        bdir, adir = self.base_dir(base), self.adapter_dir(base, adapter)
+        files = []
+        if isinstance(self.base_sources[base], PathSource):
+            files += local_files(bdir)
+        if isinstance(self.adapter_sources[(base, adapter)], PathSource):
+            files += local_files(adir)
+        return dict(base=bdir, adapter=adir, files=files)
+
+    def base_inputs(self, wc: Wildcards) -> dict[str, Any]:
+        """Inputs of a base's normalisation: its folder, plus its files when local."""
+        bdir = self.base_dir(wc["base"])
+        local = isinstance(self.base_sources[wc["base"]], PathSource)
+        return dict(base=bdir, files=local_files(bdir) if local else [])
+
+    def expected_base(self, base: str) -> str | None:
+        """What an adapter's ``base_model_name_or_path`` should name (repo or path), if known."""
+        return self.base_sources[base].expected_base
+
+    # ---- pins (Hub branches and tags resolved once) ------------------------------
+
+    def hub_sources(self) -> list[tuple[str, HubSource]]:
+        """(config key, source) of every base and adapter the grid fetches from the Hub."""
+        out: list[tuple[str, HubSource]] = []
+        for b in self.bases:
+            if isinstance(src := self.base_sources[b], HubSource):
+                out.append((f"bases.{b}.hub", src))
+            for a in self.adapters[b]:
+                if isinstance(asrc := self.adapter_sources[(b, a)], HubSource):
+                    out.append((f"adapters.{b}.{a}.hub", asrc))
+        return out
+
+    @cached_property
+    def pins(self) -> dict[str, tuple[str, str, str]]:
+        """Pin file name -> (repo, revision, first config key naming it); shas need none."""
+        pins: dict[str, tuple[str, str, str]] = {}
+        for key, src in self.hub_sources():
+            if not is_commit_sha(src.revision):
+                pins.setdefault(pin_name(src.repo, src.revision), (src.repo, src.revision, key))
+        return pins
+
+    def pin_file(self, source: HubSource) -> str | None:
+        """The pin file of a Hub source, or None for a commit sha."""
+        if is_commit_sha(source.revision):
+            return None
+        return path("pin", pin=pin_name(source.repo, source.revision))
+
+    # ---- merge -------------------------------------------------------------------
+
+    def merge_models(self, wc: Wildcards) -> list[str]:
+        """Normalised baked checkpoints of the cell's adapters, in group order."""
+        return [
+            path("text", base=wc["base"], adapter=a) for a in self.config["groups"][wc["group"]]
+        ]
+
+    def recipe(self, method: str) -> str:
+        """The recipe template of ``method`` (absolute: ``<workflow>/recipes/<recipe>.yaml``)."""
+        return str(
+            recipe_path(self.config["methods"][method], method, self.workflow_dir / "recipes")
+        )
+
+    def cell_parameters(self, wc: Wildcards) -> dict[str, Any]:
+        """The cell's method parameters (per-adapter mappings restricted to its group)."""
+        return cell_parameters(self.config, self.cell(wc))
+
+    # ---- eval --------------------------------------------------------------------
+
+    def include_path(self) -> str | None:
+        """lm-eval's include path: ``eval.include_path``, else the demo tasks, else None."""
+        e = self.config["eval"]
+        if e["include_path"]:
+            return e["include_path"]
+        return LAYOUT["demo_tasks"] if e["demo_tasks"] else None
+
+    def eval_tasks(self, wc: Wildcards | None = None) -> list[dict[str, Any]]:
+        """The tasks an eval runs (``[{"name", "num_fewshot"}]``); every eval runs all."""
+        return list(self.config["eval"]["tasks"])
+
+    @cached_property
+    def task_index(self):
+        """Index of ``eval.include_path`` (:func:`mergebake.workflow.tasks.build_index`)."""
+        folder = self.config["eval"]["include_path"]
+        return build_index(folder) if folder else {}
+
+    def task_inputs(self, wc: Wildcards | None = None) -> list[str]:
+        """Files an eval reads besides its model: the task payload, the generated demo
+        tasks, and every file of ``eval.include_path`` that its tasks read."""
+        files = [payload_path(PAYLOAD_EVAL_TASKS)]
+        if self.config["eval"]["demo_tasks"]:
+            files.append(LAYOUT["demo_tasks"])
+        names = [t["name"] for t in self.eval_tasks(wc)]
+        return files + task_files(self.task_index, names)
+
+    # ---- report ------------------------------------------------------------------
+
+    def report_rows(self) -> list[dict[str, Any]]:
+        """The report's rows: one per cell and, with ``eval.baselines``, per baseline row;
+        each ``{base, size, variant, kind, name, group, method, eval}``, sorted by (base,
+        kind, name)."""
+        rows = [
+            dict(
+                base=c.base,
+                size=c.size,
+                variant=c.variant,
+                kind="merge",
+                name=c.name,
+                group=c.group,
+                method=c.method,
+                eval=path("eval_cell", base=c.base, group=c.group, method=c.method),
+            )
+            for c in self.cells
+        ]
+        if self.config["eval"]["baselines"]:
+            for base in self.bases:
+                size, variant = self.size_of[base], base[len(self.size_of[base]) + 1 :]
+                for name in self.baseline_rows_of(base):
+                    rows.append(
+                        dict(
+                            base=base,
+                            size=size,
+                            variant=variant,
+                            kind="base" if name == BASE_ROW else "adapter",
+                            name=name,
+                            group=None,
+                            method=None,
+                            eval=path("eval_baseline", base=base, row=name),
+                        )
+                    )
+        return sorted(rows, key=lambda r: (r["base"], r["kind"], r["name"]))
+
+    def baseline_rows_of(self, base: str) -> list[str]:
+        """The baseline rows of one base: ``_base`` and each of its adapters."""
+        return [BASE_ROW, *self.adapters[base]]
+
+    def report_evals(self) -> list[str]:
+        """Every eval JSON the report reads: cells and baselines."""
+        return [r["eval"] for r in self.report_rows()]
+
+    # ---- publishing --------------------------------------------------------------
+
+    def baseline_row(self, base: str) -> str | None:
+        """The report's baseline row for ``base`` (Δ in cards), if it is scored, else None."""
+        if not self.config["eval"]["baselines"]:
+            return None
+        name = self.config["report"]["baseline"]
+        name = BASE_ROW if name in ("base", BASE_ROW) else name
+        return name if name == BASE_ROW or name in self.adapters[base] else None
+
+    def baseline_eval(self, wc: Wildcards) -> list[str]:
+        """The eval JSON of the cell's baseline row, or [] when none is scored."""
+        row = self.baseline_row(wc["base"])
+        return [path("eval_baseline", base=wc["base"], row=row)] if row else []
+
+    def _card_entries(self, wc: Wildcards) -> tuple[dict, list[dict]]:
+        base = wc["base"]
+        bsrc = self.base_sources[base]
+        entry = dict(
+            name=base,
+            source=bsrc.to_config(),
+            dir=self.base_dir(base) if isinstance(bsrc, HubSource) else None,
+        )
+        adapters = []
+        for a in self.config["groups"][wc["group"]]:
+            asrc = self.adapter_sources[(base, a)]
+            folder = path("adapter", base=base, adapter=a)
+            adapters.append(
+                dict(
+                    name=a,
+                    source=asrc.to_config(),
+                    dir=folder if isinstance(asrc, HubSource) else None,
+                )
+            )
+        return entry, adapters
+
+    def hub_source_dirs(self, wc: Wildcards) -> list[str]:
+        """Fetched folders of the cell's Hub base and adapters (their provenance has the commit)."""
+        base, adapters = self._card_entries(wc)
+        return [e["dir"] for e in [base, *adapters] if e["dir"]]
+
+    def card_spec(self, wc: Wildcards) -> dict[str, Any]:
+        """The model card spec of a cell (see :mod:`mergebake.modelcard`)."""
+        c = self.cell(wc)
+        base, adapters = self._card_entries(wc)
+        row = self.baseline_row(c.base)
+        return dict(
+            cell=dict(size=c.size, variant=c.variant, group=c.group, method=c.method),
+            base=base,
+            adapters=adapters,
+            license=self.config["hub"]["license"],
+            languages=self.config["hub"]["languages"],
+            metrics=self.config["report"]["metrics"],
+            baseline=(
+                dict(name=row, eval=path("eval_baseline", base=c.base, row=row)) if row else None
+            ),
+        )
+
+    def receipts(self) -> list[str]:
+        """Every cell's upload receipt (the repo README is rebuilt when any changes)."""
+        return [path("receipt", base=c.base, group=c.group, method=c.method) for c in self.cells]
+
+    def hub_readme_rows(self) -> list[dict[str, Any]]:
+        """The cells of the repo README: labels and receipt paths."""
+        return [
+            dict(
+                path_in_repo=c.path_in_repo,
+                size=c.size,
+                variant=c.variant,
+                group=c.group,
+                method=c.method,
+                receipt=path("receipt", base=c.base, group=c.group, method=c.method),
+            )
+            for c in self.cells
+        ]
+
+    def hub_meta(self) -> dict[str, Any]:
+        """Repo README metadata: license, languages, and the Hub repos of the bases."""
+        bases = sorted({s.repo for s in self.base_sources.values() if isinstance(s, HubSource)})
+        hub = self.config["hub"]
+        return dict(license=hub["license"], languages=hub["languages"], base_models=bases)
+
+    # ---- payloads ----------------------------------------------------------------
+
+    def payload_names(self) -> list[str]:
+        """Every payload file the grid needs (see :data:`LAYOUT` ``payload``)."""
+        names = [PAYLOAD_REPORT_ROWS, PAYLOAD_HUB_ROWS, PAYLOAD_HUB_META, PAYLOAD_EVAL_TASKS]
+        return names + [
+            PAYLOAD_CARD.format(base=c.base, group=c.group, method=c.method) for c in self.cells
+        ]
+
+    def payload(self, name: str) -> str:
+        """The content (canonical JSON) of payload ``name``; KeyError for an unknown name."""
+        if name == PAYLOAD_REPORT_ROWS:
+            return dumps(self.report_rows())
+        if name == PAYLOAD_HUB_ROWS:
+            return dumps(self.hub_readme_rows())
+        if name == PAYLOAD_HUB_META:
+            return dumps(self.hub_meta())
+        if name == PAYLOAD_EVAL_TASKS:
+            return dumps(self.eval_tasks())
+        kind, _, rest = name.partition("/")
+        base, _, cell = rest.partition("/")
+        group, sep, method = cell.partition("__")
+        if kind == "cards" and sep:
+            return dumps(self.card_spec(dict(base=base, group=group, method=method)))
+        raise KeyError(f"no payload {name!r}")
+
+    def card_payload(self, wc: Wildcards) -> str:
+        """The payload file of a cell's model card spec."""
+        return payload_path(PAYLOAD_CARD.format(**{k: wc[k] for k in ("base", "group", "method")}))
+
+    # ---- targets and jobs --------------------------------------------------------
+
+    def final_outputs(self) -> list[str]:
+        """Targets of the default rule: the report, a receipt per cell, the repo README."""
+        return [*REPORT_OUTPUTS, *self.receipts(), LAYOUT["hub_readme_receipt"]]
+
+    def jobs(self) -> Iterator[tuple[str, dict[str, str]]]:
+        """Every job a fresh run of the grid has, as ``(rule, wildcards)``.
+
+        Shell rules only, in dependency order; the ``payload`` jobs are ``(payload,
+        {"payload": name})``. Used to check commands without Snakemake."""
+        for pin in self.pins:
+            yield "pin", {"pin": pin}
+        if self.config["eval"]["demo_tasks"]:
+            yield "demo_tasks", {}
+        for b in self.bases:
+            kind = self.base_sources[b].kind
+            if kind != "path":
+                yield ("demo_base" if kind == "demo" else "fetch_base"), {"base": b}
+            for a in self.adapters[b]:
+                akind = self.adapter_sources[(b, a)].kind
+                if akind != "path":
+                    rule = "demo_adapter" if akind == "demo" else "fetch_adapter"
+                    yield rule, {"base": b, "adapter": a}
+                yield "bake", {"base": b, "adapter": a}
+                yield "normalise_baked", {"base": b, "adapter": a}
+            yield "normalise_base", {"base": b}
+            if self.config["eval"]["baselines"]:
+                for row in self.baseline_rows_of(b):
+                    yield "eval_baseline", {"base": b, "row": row}
+        for c in self.cells:
+            wc = {"base": c.base, "group": c.group, "method": c.method}
+            yield "merge", wc
+            yield "eval_cell", wc
+            yield "upload", wc
+        yield "report", {}
+        yield "hub_readme", {}
+        for name in self.payload_names():
+            yield "payload", {"payload": name}
+
+    # ---- job sizing (scheduler resources) ----------------------------------------
+
+    def checkpoint_of(self, rule: str, wc: Wildcards) -> str | None:
+        """The checkpoint folder a job of ``rule`` reads (sizes the job), or None."""
+        entry = CHECKPOINT_OF.get(rule)
+        if entry is None:
+            return None
+        if entry == "base":
+            return self.base_dir(wc["base"])
+        return path(entry, **wc)
+
+    def job_size(self, rule: str, wc: Wildcards) -> resources.Size | None:
+        """Size of the job's checkpoint: measured when there, else the base's measured or
+        estimated size (:func:`mergebake.resources.estimate`); None for jobs without one."""
+        size = resources.measure(self.checkpoint_of(rule, wc))
+        base = wc.get("base")
+        if size is not None or base not in self.config["bases"]:
+            return size
+        return resources.measure(self.base_dir(base)) or resources.estimate(
+            self.size_of.get(base), self.config["bases"][base]
+        )
+
+    def size_factor(self, rule: str, wc: Wildcards, size: resources.Size | None) -> float:
+        """Merge method (TIES costs more than linear) or eval dtype wider than stored."""
+        if rule == "merge":
+            method = self.config["methods"].get(wc["method"], {})
+            return resources.method_factor(method.get("recipe") or wc["method"])
+        if rule in ("eval_cell", "eval_baseline") and size is not None:
+            return resources.dtype_factor(self.config["eval"]["dtype"], size)
+        return 1.0
+
+    def resource_model(self, rule: str) -> str:
+        """The rule's resource model: a bake's depends on its engine."""
+        if rule == "bake" and self.config["bake"].get("engine") == "stream":
+            return "bake_stream"
+        return rule
+
+    def device(self, rule: str) -> str:
+        """The device a job computes on: the bake's own, else the merge and eval one."""
+        return self.config["bake"]["device"] if rule == "bake" else self.config["device"]
+
+    def job_resources(
+        self,
+        rule: str,
+        wc: Wildcards,
+        attempt: int = 1,
+        overrides: Mapping[str, float] | None = None,
+    ) -> dict[str, int]:
+        """``{mem_mb, runtime, threads, disk_mb, gpu}`` of one job
+        (:func:`mergebake.resources.job_resources` on :meth:`job_size`)."""
+        size = self.job_size(rule, wc)
+        return resources.job_resources(
+            rule,
+            size,
+            model=self.resource_model(rule),
+            attempt=attempt,
+            factor=self.size_factor(rule, wc, size),
+            device=self.device(rule),
+            overrides=overrides,
+        )
+
+    def gpu(self, rule: str) -> int:
+        """1 for a GPU-capable step when its device is cuda, else 0."""
+        return resources.job_resources(rule, None, device=self.device(rule))["gpu"]
+
+    # ---- preflight: disk ---------------------------------------------------------
+
+    def disk_needed(self, workdir: str | os.PathLike = ".") -> int:
+        """Upper estimate, in bytes, of what the outputs not yet under ``workdir`` take.
+
+        Counts a fetched copy of each missing base, a baked and a normalised checkpoint per
+        missing (base, adapter), a normalised base and a merged checkpoint per missing cell,
+        each the size of its base (:func:`mergebake.resources.estimate`; a base whose size
+        nothing tells counts 0, so an unknown size name never fails the disk check).
+        With ``temp_intermediates`` the baked and normalised checkpoints are deleted as the
+        run goes, so the estimate is an upper bound.
+        """
+        workdir = Path(workdir)
+        total = 0
+        for base in self.bases:
+            src = self.base_sources[base]
+            folder = (
+                Path(src.path) if isinstance(src, PathSource) else workdir / self.base_dir(base)
+            )
+            size = resources.estimate(self.size_of[base], self.config["bases"][base], folder=folder)
+            nbytes = 0 if size.basis == "default" else size.total  # unknown size: not counted
+            missing = [not folder.exists(), not (workdir / path("text_base", base=base)).exists()]
+            for a in self.adapters[base]:
+                for entry in ("baked", "text"):
+                    missing.append(not (workdir / path(entry, base=base, adapter=a)).exists())
+            for c in self.cells_of[base]:
+                wc = dict(base=base, group=c.group, method=c.method)
+                missing.append(not (workdir / path("merged", **wc)).exists())
+            total += nbytes * sum(missing)
+        return total
+
+
+def write_payload(
+    out: str | os.PathLike, content: str, log: str | os.PathLike | None = None
+) -> None:
+    """Write a payload file (``content``, JSON text) atomically; note its size in ``log``.
+
+    The ``payload`` rule runs this inside Snakemake (a local ``run:`` job: no process)."""
+    from ..outputs import atomic_file
+
+    with atomic_file(out) as fh:
+        fh.write(content)
+        fh.write("\n")
+    if log is not None:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        Path(log).write_text(f"wrote {out} ({len(content) + 1} bytes)\n")
+
+
+__all__ = ["CHECKPOINT_OF", "Plan", "dumps", "local_files", "write_payload"]
