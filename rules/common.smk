@@ -286,6 +286,7 @@ def _report_rows():
                 name=c.name,
                 group=c.group,
                 method=c.method,
+                adapters=list(config["groups"][c.group]),
                 eval=f"results/eval/{c.base}/{c.name}.json",
             )
         )
@@ -309,8 +310,9 @@ def _report_rows():
 
 
 def get_report_evals(wildcards):
-    """Every eval JSON the report reads: cells and baselines."""
-    return [r["eval"] for r in _report_rows()]
+    """Every eval JSON the report reads, and its per-document samples: cells and baselines."""
+    evals = [r["eval"] for r in _report_rows()]
+    return evals + [e[: -len(".json")] + ".samples.json.gz" for e in evals]
 
 
 def get_report_rows(wildcards):
@@ -341,6 +343,7 @@ def get_upload_flags(wildcards):
 REPORT_OUTPUTS = [
     "results/report/merge_eval_pivot.csv",
     "results/report/merge_eval_report.md",
+    "results/report/merge_eval_report.html",
     "results/report/merge_eval_scores.png",
     "results/report/method_ranking.png",
 ]

@@ -6,7 +6,8 @@ rule eval_cell:
         model="results/merged/{base}/{group}__{method}",
         tasks=get_task_inputs,
     output:
-        "results/eval/{base}/{group}__{method}.json",
+        json="results/eval/{base}/{group}__{method}.json",
+        samples="results/eval/{base}/{group}__{method}.samples.json.gz",
     log:
         "logs/eval_cell/{base}/{group}__{method}.log",
     benchmark:
@@ -22,7 +23,7 @@ rule eval_cell:
     params:
         flags=get_eval_flags,
     shell:
-        "mergebake eval --model {input.model} --out {output} {params.flags}"
+        "mergebake eval --model {input.model} --out {output.json} {params.flags}"
         " --threads {threads} > {log} 2>&1"
 
 
@@ -31,7 +32,8 @@ rule eval_baseline:
         model="results/text/{base}/{row}",
         tasks=get_task_inputs,
     output:
-        "results/eval/{base}/{row}.json",
+        json="results/eval/{base}/{row}.json",
+        samples="results/eval/{base}/{row}.samples.json.gz",
     log:
         "logs/eval_baseline/{base}/{row}.log",
     benchmark:
@@ -49,5 +51,5 @@ rule eval_baseline:
     params:
         flags=get_eval_flags,
     shell:
-        "mergebake eval --model {input.model} --out {output} {params.flags}"
+        "mergebake eval --model {input.model} --out {output.json} {params.flags}"
         " --threads {threads} > {log} 2>&1"

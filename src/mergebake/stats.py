@@ -286,9 +286,10 @@ def ranking_sentence(size: str, entries: list[dict[str, Any]]) -> str:
         return f"{size}: only `{leader['method']}` has a mean Δ, {_ci(leader)}.{sign}"
     if not behind:
         return (
-            f"{size}: `{leader['method']}` has the highest mean Δ, {_ci(leader)}, but all "
-            f"{len(scored)} methods are within noise of each other (their intervals overlap "
-            f"the leader's); method choice is largely interchangeable at {size}.{sign}"
+            f"{size}: `{leader['method']}` has the highest mean Δ, {_ci(leader)}, but "
+            + ("both" if len(scored) == 2 else f"all {len(scored)}")
+            + " methods are within noise of each other (their intervals overlap the "
+            f"leader's); method choice is largely interchangeable at {size}.{sign}"
         )
     text = f"{size}: `{leader['method']}` leads with mean Δ {_ci(leader)}."
     if tied:
