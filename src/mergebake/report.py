@@ -368,7 +368,7 @@ def _retention(
                 c = names[j]
                 b = df.loc[base_k, c] if base_k is not None else math.nan
                 o = df.loc[o_k, c] if o_k is not None else math.nan
-                gain = stats.oracle_gain_pp(b, o, lower_is_better=sign[j] < 0)
+                gain = float(stats.oracle_gain_pp(b, o, lower_is_better=sign[j] < 0))
                 ok = None if math.isnan(gain) else stats.usable(gain, min_gain)
                 ret = stats.retained(r[c], b, o)
                 new[ORACLE + c][k] = name

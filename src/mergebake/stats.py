@@ -332,7 +332,7 @@ def retained(cell: float, base: float, oracle: float) -> float:
 def usable(gain_pp: float, min_gain_pp: float = DEFAULT_MIN_GAIN_PP) -> bool:
     """Whether a task's oracle gains enough over the base for a retention ratio to mean
     something: ``gain_pp >= min_gain_pp`` (False for NaN)."""
-    return not math.isnan(gain_pp) and gain_pp >= min_gain_pp
+    return bool(not math.isnan(gain_pp) and gain_pp >= min_gain_pp)
 
 
 def choose_oracle(
