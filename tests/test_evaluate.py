@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
-import gzip
-
 from _evalfixtures import build_tiny_gemma, write_gen_task, write_mc_task
 
 from mergebake import MergebakeError
