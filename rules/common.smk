@@ -584,9 +584,17 @@ def _baseline_row(base):
 
 
 def get_hub_baseline_eval(wildcards):
-    """The eval JSON of the cell's baseline row (Δ in the model card), or []."""
+    """Eval JSONs (and per-document samples) the card reads: the cell's own samples, the
+    baseline row (Δ), the base and the group's adapters (retention), or []."""
     row = _baseline_row(wildcards.base)
-    return [f"results/eval/{wildcards.base}/{row}.json"] if row else []
+    if not row:
+        return []
+    names = {row, BASE_ROW, *config["groups"][wildcards.group]}
+    evals = [f"results/eval/{wildcards.base}/{n}" for n in sorted(names)]
+    cell = f"results/eval/{wildcards.base}/{wildcards.group}__{wildcards.method}"
+    return [e + ".json" for e in evals] + [
+        e + ".samples.json.gz" for e in [cell, *evals]
+    ]
 
 
 def get_hub_card(wildcards):
@@ -603,6 +611,21 @@ def get_hub_card(wildcards):
         metrics=config["report"]["metrics"],
         baseline=(
             dict(name=row, eval=f"results/eval/{c.base}/{row}.json") if row else None
+        ),
+        uncertainty=(
+            dict(
+                bootstrap=config["report"]["bootstrap"],
+                seed=config["seed"],
+                min_gain=config["report"]["min_gain"],
+                oracle=config["report"]["oracle"],
+                base=f"results/eval/{c.base}/{BASE_ROW}.json",
+                adapters={
+                    a: f"results/eval/{c.base}/{a}.json"
+                    for a in config["groups"][c.group]
+                },
+            )
+            if row
+            else None
         ),
     )
     return json.dumps(spec, sort_keys=True)
