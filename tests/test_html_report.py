@@ -1,0 +1,83 @@
+"""Snakemake's HTML report of a finished demo run, rendered in headless Chromium.
+
+`snakemake --report` packs every `report()` output (tables, plots, captions) into one
+self-contained HTML file whose page is built by JavaScript. Chromium loads it offline,
+runs the scripts, and dumps the resulting DOM; its console (`--enable-logging=stderr`)
+shows any script error. Needs `chromium` (Debian package; .ci/run installs it).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from _workflow import snakemake
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="needs chromium (apt-get install chromium)"
+)
+
+CONSOLE = re.compile(r":CONSOLE[^\]]*\] \"(.*)\", source: (.*)$", re.M)
+
+
+def render(page: Path, tmp: Path) -> tuple[str, list[str]]:
+    """``(DOM after the page's scripts ran, console messages that report errors)``."""
+    p = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            f"--user-data-dir={tmp / 'chromium-profile'}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            page.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    errors = [
+        f"{msg} ({src})"
+        for msg, src in CONSOLE.findall(p.stderr)
+        if re.search(r"Uncaught|Error|error", msg)
+    ]
+    return p.stdout, errors
+
+
+def test_console_errors_are_caught(tmp_path):
+    """The check itself: a page with a script error is reported as one."""
+    page = tmp_path / "bad.html"
+    page.write_text("<html><body><p id=x>a</p><script>x.textContent='ran'; nope();</script>")
+    dom, errors = render(page, tmp_path)
+    assert '<p id="x">ran</p>' in dom
+    assert any("Uncaught ReferenceError: nope is not defined" in e for e in errors)
+
+
+def test_snakemake_html_report_renders(demo, tmp_path):
+    snakemake(demo, "--report", "results/report.html")
+    page = demo / "results/report.html"
+    html = page.read_text(encoding="utf-8")
+    # Every report() output is packed in, with its caption.
+    for name in (
+        "merge_eval_pivot.csv",
+        "merge_eval_report.html",
+        "merge_eval_scores.png",
+        "method_ranking.png",
+    ):
+        assert name in html, name
+    assert html.count("data:image/png;base64,") >= 2  # the two plots travel inside the file
+    assert "paired-bootstrap" in html  # from the captions (report/*.rst)
+    dom, errors = render(page, tmp_path)
+    assert errors == [], errors
+    # The page was built by its scripts: the category of our outputs is in the DOM.
+    assert "Merge evaluation" in dom
+    assert "<script" in html and len(dom) > 1000
