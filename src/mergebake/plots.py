@@ -92,7 +92,7 @@ def plot_heatmap(
                 labels[s][0],
                 xy=(0, 1 - (s + end) / 2 / n_rows),
                 xycoords="axes fraction",
-                xytext=(-118, 0),
+                xytext=(-(5.6 * max(len(r) for _, r in labels) + 14), 0),
                 textcoords="offset points",
                 ha="right",
                 va="center",
@@ -137,7 +137,7 @@ def plot_ranking(sizes: dict[str, list[dict[str, Any]]], path: Path, *, title: s
                         ax.plot([e["lo"], e["hi"]], [y, y], color=c, linewidth=3)
                     ax.plot([e["mean"]], [y], "o", color=c, markersize=7)
                     word = {"tied": "  within noise", "behind": "  behind"}.get(
-                        e.get("standing") or "", ""
+                        e.get("standing") or "", "  leader" if len(entries) > 1 else ""
                     )
                     ax.annotate(
                         f"{e['mean'] + 0.0:+.3f}{word}",
