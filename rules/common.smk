@@ -312,7 +312,7 @@ def _report_rows():
 def get_report_evals(wildcards):
     """Every eval JSON the report reads, and its per-document samples: cells and baselines."""
     evals = [r["eval"] for r in _report_rows()]
-    return evals + [e[: -len(".json")] + ".samples.json.gz" for e in evals]
+    return evals + [re.sub(r"\.json$", ".samples.json.gz", e) for e in evals]
 
 
 def get_report_rows(wildcards):
@@ -589,11 +589,10 @@ def get_hub_baseline_eval(wildcards):
     row = _baseline_row(wildcards.base)
     if not row:
         return []
-    names = {row, BASE_ROW, *config["groups"][wildcards.group]}
-    evals = [f"results/eval/{wildcards.base}/{n}" for n in sorted(names)]
-    cell = f"results/eval/{wildcards.base}/{wildcards.group}__{wildcards.method}"
-    return [e + ".json" for e in evals] + [
-        e + ".samples.json.gz" for e in [cell, *evals]
+    names = sorted({row, BASE_ROW, *config["groups"][wildcards.group]})
+    cell = f"{wildcards.group}__{wildcards.method}"
+    return [f"results/eval/{wildcards.base}/{n}.json" for n in names] + [
+        f"results/eval/{wildcards.base}/{n}.samples.json.gz" for n in [cell, *names]
     ]
 
 
