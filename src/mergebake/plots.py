@@ -51,6 +51,11 @@ def plot_heatmap(
     from matplotlib.figure import Figure
 
     n_rows, n_cols = len(labels), len(columns)
+    if n_rows == 0 or n_cols == 0:
+        fig = Figure(figsize=(4.0, 1.0))
+        fig.text(0.5, 0.5, f"{title}: no rows to show", ha="center", va="center")
+        _save_png(fig, path)
+        return
     d = np.array(deltas, dtype=float).reshape(n_rows, n_cols)
     finite = np.abs(d[np.isfinite(d)])
     vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
