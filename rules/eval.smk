@@ -6,7 +6,8 @@ rule eval_cell:
         model=LAYOUT["merged"],
         tasks=get_task_inputs,
     output:
-        LAYOUT["eval_cell"],
+        json=LAYOUT["eval_cell"],
+        samples=LAYOUT["eval_cell_samples"],
     log:
         "logs/eval_cell/{base}/{group}__{method}.log",
     benchmark:
@@ -30,7 +31,8 @@ rule eval_baseline:
         model=LAYOUT["baseline_model"],
         tasks=get_task_inputs,
     output:
-        LAYOUT["eval_baseline"],
+        json=LAYOUT["eval_baseline"],
+        samples=LAYOUT["eval_baseline_samples"],
     log:
         "logs/eval_baseline/{base}/{row}.log",
     benchmark:

@@ -6,7 +6,31 @@ rule report:
         evals=get_report_evals,
         rows=payload("report_rows"),
     output:
-        REPORT_OUTPUTS,
+        csv=report(
+            LAYOUT["report_csv"],
+            caption="../report/pivot.rst",
+            category="Merge evaluation",
+            subcategory="Tables",
+        ),
+        md=LAYOUT["report_md"],
+        html=report(
+            LAYOUT["report_html"],
+            caption="../report/report.rst",
+            category="Merge evaluation",
+            subcategory="Tables",
+        ),
+        heatmap=report(
+            LAYOUT["report_scores_png"],
+            caption="../report/heatmap.rst",
+            category="Merge evaluation",
+            subcategory="Plots",
+        ),
+        ranking=report(
+            LAYOUT["report_ranking_png"],
+            caption="../report/ranking.rst",
+            category="Merge evaluation",
+            subcategory="Plots",
+        ),
     log:
         "logs/report/report.log",
     conda:

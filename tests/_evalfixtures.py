@@ -126,3 +126,38 @@ def write_mc_task(
     yaml_path = folder / f"{name}.yaml"
     yaml_path.write_text("\n".join(lines) + "\n")
     return yaml_path
+
+
+def write_gen_task(folder: Path, name: str, *, n_test: int = 6) -> Path:
+    """Write a ``generate_until`` "colour of X" task ``name`` scored by ``exact_match``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = (folder / f"{name}_test.jsonl").resolve()
+    docs = [
+        {"item": ITEMS[i % len(ITEMS)], "answer": ANSWERS[ITEMS[i % len(ITEMS)]]}
+        for i in range(n_test)
+    ]
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    lines = [
+        f"task: {name}",
+        "dataset_path: json",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    test: {path}",
+        "output_type: generate_until",
+        "test_split: test",
+        'doc_to_text: "question : colour of {{item}} ? answer :"',
+        'doc_to_target: "{{answer}}"',
+        "generation_kwargs:",
+        '  until: ["."]',
+        "  max_gen_toks: 2",
+        "  do_sample: false",
+        "metric_list:",
+        "  - metric: exact_match",
+        "    aggregation: mean",
+        "    higher_is_better: true",
+        "metadata:",
+        "  version: 1.0",
+    ]
+    yaml_path = folder / f"{name}.yaml"
+    yaml_path.write_text("\n".join(lines) + "\n")
+    return yaml_path

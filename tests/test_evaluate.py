@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
-from _evalfixtures import build_tiny_gemma, write_mc_task
+from _evalfixtures import build_tiny_gemma, write_gen_task, write_mc_task
 
 from mergebake import MergebakeError
 from mergebake import evaluate as ev
@@ -38,6 +39,7 @@ def test_results_json_structure(tiny):
     assert mb["model"] == str(tiny["model"].resolve())
     assert mb["tasks"] == TASKS
     assert mb["seed"] == 7
+    assert mb["samples"] == "cell.samples.json.gz"
     assert isinstance(mb["seconds"], float) and mb["seconds"] > 0
     assert data["config"]["random_seed"] == 7 and data["config"]["fewshot_seed"] == 7
     assert not list(tiny["out"].parent.glob(".*tmp*"))  # atomic write left no temp file
@@ -150,3 +152,36 @@ def test_unloadable_task_fails_before_model_load(tiny, tmp_path, no_model_load):
             tasks=[{"name": "demo_gone", "num_fewshot": 0}],
         )
     assert str(yaml_path.resolve()) in str(err.value)
+
+
+def test_samples_file_matches_scores(tiny):
+    """Per-document values beside the eval JSON: their mean is lm-eval's score."""
+    data = json.loads(gzip.decompress(ev.samples_path(tiny["out"]).read_bytes()))
+    assert ev.samples_path(tiny["out"]).name == "cell.samples.json.gz"
+    assert data["format"] == "mergebake-samples/1"
+    assert set(data["tasks"]) == {"demo_a", "demo_b"}
+    for task in ("demo_a", "demo_b"):
+        entry = data["tasks"][task]
+        assert entry["doc_ids"] == list(range(6))
+        assert list(entry["values"]) == ["acc,none"]
+        vals = entry["values"]["acc,none"]
+        assert set(vals) <= {0, 1} and len(vals) == 6
+        assert sum(vals) / 6 == pytest.approx(tiny["returned"]["results"][task]["acc,none"])
+        assert entry["aggregation"] == {"acc": "mean"}
+    # Both tasks read the same six documents, so their document digests agree.
+    assert data["tasks"]["demo_a"]["docs_sha256"] == data["tasks"]["demo_b"]["docs_sha256"]
+
+
+def test_samples_of_generate_until_task(tiny, tmp_path):
+    tasks = tmp_path / "tasks"
+    write_gen_task(tasks, "demo_gen", n_test=5)
+    out = tmp_path / "gen.json"
+    res = ev.evaluate(
+        tiny["model"], out, tasks=[{"name": "demo_gen", "num_fewshot": 0}], include_path=tasks
+    )
+    entry = json.loads(gzip.decompress(ev.samples_path(out).read_bytes()))["tasks"]["demo_gen"]
+    assert entry["doc_ids"] == [0, 1, 2, 3, 4]
+    vals = entry["values"]["exact_match,none"]
+    assert len(vals) == 5 and set(vals) <= {0, 1}
+    assert sum(vals) / 5 == pytest.approx(res["results"]["demo_gen"]["exact_match,none"])
+    assert entry["aggregation"] == {"exact_match": "mean"}

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from huggingface_hub import EvalResult, ModelCard
 
+from mergebake import MergebakeError
 from mergebake.modelcard import build_cell_card, build_repo_card, cell_scores
 
 BASE_SHA = "a" * 40
@@ -231,3 +232,49 @@ def test_repo_card_lists_every_cell_with_links(work):
     ) in lines[1]
     assert f"[`{'d' * 12}`](https://huggingface.co/org/merges/commit/{'d' * 40})" in lines[1]
     assert "0.900 (+0.550)" in lines[1] and lines[0].endswith("| – |")
+
+
+def test_card_carries_delta_interval_and_retention(tmp_path):
+    """With the uncertainty spec the card shows each Δ's 95% interval and the retention."""
+    import numpy as np
+    from test_report import N_DOCS, per_doc, write_eval
+
+    from mergebake import stats
+
+    def ev(name, eng, nob):
+        return write_eval(
+            tmp_path / f"{name}.json",
+            {"demo_eng": {"acc,none": eng}, "demo_nob": {"acc,none": nob}},
+        )
+
+    cell, base = ev("cell", 0.65, 0.40), ev("base", 0.50, 0.40)
+    adapters = {"eng": str(ev("eng", 0.80, 0.41)), "nob": str(ev("nob", 0.50, 0.40))}
+    spec = {"bootstrap": 200, "seed": 3, "min_gain": 3.0, "oracle": {}, "base": str(base),
+            "adapters": adapters}  # fmt: skip
+    summary = cell_scores(cell, base, None, "_base", spec)
+    eng, nob = summary["metrics"]
+    counts = stats.resample_counts("demo_eng", N_DOCS, 200, 3)
+    d = np.array(per_doc(0.65)) - np.array(per_doc(0.50))
+    lo, hi = np.quantile(counts @ d / N_DOCS, [0.025, 0.975])
+    assert (eng["delta_lo"], eng["delta_hi"]) == (pytest.approx(lo), pytest.approx(hi))
+    assert eng["oracle"] == "eng" and eng["gain_pp"] == pytest.approx(30.0)
+    assert eng["usable"] is True and eng["retained"] == pytest.approx(0.5)
+    assert nob["oracle"] == "eng" and nob["usable"] is False  # 1 pp < 3 pp
+    assert summary["mean_retained"] == pytest.approx(0.5)
+    spec_card = {
+        "repo": "org/m",
+        "path_in_repo": "1b-std/eng-nob__ties",
+        "cell": {"size": "1b", "variant": "std", "group": "eng-nob", "method": "ties"},
+        "base": {"name": "1b-std", "source": {"demo": {"arch": "text"}}, "dir": None},
+        "adapters": [],
+    }
+    text = str(build_cell_card(tmp_path, spec_card, summary))
+    assert "| Δ 95% CI | oracle | oracle − base (pp) | retained |" in text
+    assert f"| +0.150 | [{lo:+.3f}, {hi:+.3f}] | `eng` | +30.0 | 50% |" in text
+    assert "| `eng` | +1.0 | 0%† |" in text
+    assert "Mean retained: 50%." in text
+    # A task without samples is an error naming the file.
+    samples = tmp_path / "cell.samples.json.gz"
+    samples.unlink()
+    with pytest.raises(MergebakeError, match=r"cell\.samples\.json\.gz"):
+        cell_scores(cell, base, None, "_base", spec)

@@ -9,7 +9,38 @@ from pathlib import Path
 import pytest
 
 from mergebake import MergebakeError
+from mergebake.evaluate import compact_samples, samples_path, write_samples
 from mergebake.report import build_report
+
+N_DOCS = 20
+
+
+def per_doc(value: float, n: int = N_DOCS) -> list[float]:
+    """Per-document values averaging ``value``: 0/1 for a fraction on the n-document grid,
+    else ``value`` on every document."""
+    k = round(value * n)
+    if 0 <= value <= 1 and abs(k / n - value) < 1e-12:
+        return [1.0] * k + [0.0] * (n - k)
+    return [value] * n
+
+
+def write_samples_for(path: Path, scores: dict[str, dict[str, float]]) -> None:
+    """The per-document samples file of an eval JSON, in lm-eval's log_samples shape."""
+    logged = {}
+    for task, metrics in scores.items():
+        entries = []
+        for d in range(N_DOCS):
+            by_filter: dict[str, dict] = {}
+            for key, value in metrics.items():
+                metric, _, filt = key.partition(",")
+                e = by_filter.setdefault(
+                    filt, {"doc_id": d, "filter": filt, "doc_hash": f"h{d}", "metrics": []}
+                )
+                e["metrics"].append(metric)
+                e[metric] = per_doc(value)[d]
+            entries.extend(by_filter.values())
+        logged[task] = entries
+    write_samples(samples_path(path), compact_samples(logged, {}))
 
 
 def write_eval(
@@ -39,6 +70,7 @@ def write_eval(
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
+    write_samples_for(path, scores)
     return path
 
 
@@ -100,7 +132,8 @@ def test_csv_columns_and_deltas_vs_base(grid, tmp_path):
     out = tmp_path / "report"
     result = build_report(grid, out)
     header = (out / "merge_eval_pivot.csv").read_text(encoding="utf-8").splitlines()[0]
-    assert header.split(",") == [
+    # The columns before intervals and retention were added, in their old order ...
+    assert header.split(",")[:9] == [
         "size",
         "variant",
         "kind",
@@ -110,6 +143,28 @@ def test_csv_columns_and_deltas_vs_base(grid, tmp_path):
         "Δ demo_eng/acc",
         "Δ demo_nob/acc",
         "mean Δ",
+    ]
+    # ... then the interval bounds and the retention columns.
+    assert header.split(",")[9:] == [
+        "demo_eng/acc lo",
+        "demo_eng/acc hi",
+        "demo_nob/acc lo",
+        "demo_nob/acc hi",
+        "Δ demo_eng/acc lo",
+        "Δ demo_eng/acc hi",
+        "Δ demo_nob/acc lo",
+        "Δ demo_nob/acc hi",
+        "mean Δ lo",
+        "mean Δ hi",
+        "oracle demo_eng/acc",
+        "oracle − base (pp) demo_eng/acc",
+        "usable demo_eng/acc",
+        "retained demo_eng/acc",
+        "oracle demo_nob/acc",
+        "oracle − base (pp) demo_nob/acc",
+        "usable demo_nob/acc",
+        "retained demo_nob/acc",
+        "mean retained",
     ]
     assert result["metrics"] == ["demo_eng/acc", "demo_nob/acc"]
     recs = read_csv(out / "merge_eval_pivot.csv")
@@ -157,7 +212,11 @@ def test_ranking_order_and_values(grid, tmp_path):
         {
             "method": "ties",
             "mean_delta": None,
+            "lo": None,
+            "hi": None,
+            "mean_retained": None,
             "rank": None,
+            "standing": None,
             "cells": 0,
             "pending": 1,
             "variants": [],
@@ -177,7 +236,7 @@ def test_pending_baseline_rows(grid, tmp_path):
     assert rec["Δ demo_eng/acc"] == "" and rec["mean Δ"] == ""
     md = (out / "merge_eval_report.md").read_text(encoding="utf-8")
     assert "4b-std `eng-nob__ties`: pending baseline" in md
-    assert "| 4b | – | ties | pending | 0 | – |" in md
+    assert "| 4b | – | ties | pending | – | – | 0 | – |" in md
 
 
 def test_missing_baseline_row(grid, tmp_path):
@@ -265,6 +324,7 @@ def test_deterministic_outputs(grid, tmp_path):
     for name in (
         "merge_eval_pivot.csv",
         "merge_eval_report.md",
+        "merge_eval_report.html",
         "merge_eval_scores.png",
         "method_ranking.png",
     ):
@@ -273,6 +333,7 @@ def test_deterministic_outputs(grid, tmp_path):
     assert sorted(p.name for p in a.iterdir()) == sorted(
         [
             "merge_eval_pivot.csv",
+            "merge_eval_report.html",
             "merge_eval_report.md",
             "merge_eval_scores.png",
             "method_ranking.png",
@@ -286,9 +347,23 @@ def test_markdown_signs_and_sections(grid, tmp_path):
     md = (out / "merge_eval_report.md").read_text(encoding="utf-8")
     assert md.index("## Method ranking") < md.index("## 1b") < md.index("## 4b")
     assert "## Baseline rows" in md
-    assert "| 1b | 1 | ties | +0.175 | 2 | open, std |" in md
-    assert "| std | merge | eng-nob__linear | 0.700 | 0.600 | +0.200 | +0.200 | +0.200 |  |" in md
-    assert "| std | base | **_base** | 0.500 | 0.400 | +0.000 | +0.000 | +0.000 | baseline |" in md
+    # Intervals are the seeded bootstrap's (checked against stats in test_delta_intervals).
+    assert "| 1b | 1 | ties | +0.175 [+0.088, +0.275] | leader | 83% | 2 | open, std |" in md
+    assert (
+        "| 1b | 2 | linear | +0.150 [+0.063, +0.250] | within noise | 67% | 2 | open, std |" in md
+    )
+    assert "- 1b: `ties` has the highest mean Δ, +0.175 (95% CI +0.088 to +0.275), but both " in md
+    assert (
+        "| std | merge | eng-nob__linear | 0.700 ± 0.200 | 0.600 ± 0.200 | "
+        "+0.200 [+0.050, +0.400] | +0.200 [+0.050, +0.400] | +0.200 [+0.075, +0.325] |  |"
+    ) in md
+    assert (
+        "| std | base | **_base** | 0.500 ± 0.201 | 0.400 ± 0.200 | +0.000 [+0.000, +0.000] | "
+        "+0.000 [+0.000, +0.000] | +0.000 [+0.000, +0.000] | baseline |"
+    ) in md
+    assert "| std | eng-nob__linear | 67% | 67% | 67% |" in md
+    assert "| std | eng-nob | demo_eng/acc | `eng` | +30.0 | yes |" in md
+    assert "![Scores and Δ per row and metric](merge_eval_scores.png)" in md
 
 
 def test_bad_rows(grid, tmp_path):
@@ -300,3 +375,89 @@ def test_bad_rows(grid, tmp_path):
     bad.write_text("{")
     with pytest.raises(MergebakeError, match="bad.json"):
         build_report([{**grid[0], "eval": bad}], tmp_path / "r")
+
+
+def test_delta_intervals_are_the_paired_bootstrap(grid, tmp_path):
+    """The CSV's Δ bounds equal a paired bootstrap recomputed from the same draws."""
+    import numpy as np
+
+    from mergebake import stats
+
+    out = tmp_path / "report"
+    build_report(grid, out, resamples=300, seed=5)
+    rec = by_name(read_csv(out / "merge_eval_pivot.csv"), "1b-std", "eng-nob__linear")
+    cell, base = np.array(per_doc(0.70)), np.array(per_doc(0.50))
+    counts = stats.resample_counts("demo_eng", N_DOCS, 300, 5)
+    lo, hi = np.quantile(counts @ (cell - base) / N_DOCS, [0.025, 0.975])
+    assert float(rec["Δ demo_eng/acc lo"]) == pytest.approx(lo, abs=1e-12)
+    assert float(rec["Δ demo_eng/acc hi"]) == pytest.approx(hi, abs=1e-12)
+    v_lo, v_hi = np.quantile(counts @ cell / N_DOCS, [0.025, 0.975])
+    assert float(rec["demo_eng/acc lo"]) == pytest.approx(v_lo, abs=1e-12)
+    assert float(rec["demo_eng/acc hi"]) == pytest.approx(v_hi, abs=1e-12)
+
+
+def test_retention_columns_and_unusable_tasks(tmp_path):
+    """An oracle gaining 1 pp is flagged and left out of mean retained; 30 pp is kept."""
+    rows = [
+        row(tmp_path, "1b-std", "base", "_base", s(0.50, 0.40)),
+        row(tmp_path, "1b-std", "adapter", "eng", s(0.80, 0.41)),
+        row(tmp_path, "1b-std", "adapter", "nob", s(0.50, 0.40)),
+        row(tmp_path, "1b-std", "merge", "eng-nob__ties", s(0.65, 0.40)),
+    ]
+    # 0.41 is not on the 20-document grid, so per_doc gives every document 0.41.
+    out = tmp_path / "report"
+    result = build_report(rows, out)
+    rec = by_name(read_csv(out / "merge_eval_pivot.csv"), "1b-std", "eng-nob__ties")
+    assert rec["oracle demo_eng/acc"] == "eng"
+    assert float(rec["oracle − base (pp) demo_eng/acc"]) == pytest.approx(30.0)
+    assert rec["usable demo_eng/acc"] == "True"
+    assert float(rec["retained demo_eng/acc"]) == pytest.approx(0.5)
+    # demo_nob: the best adapter (eng, 0.41) gains 1 pp over the base: not usable.
+    assert rec["oracle demo_nob/acc"] == "eng"
+    assert float(rec["oracle − base (pp) demo_nob/acc"]) == pytest.approx(1.0)
+    assert rec["usable demo_nob/acc"] == "False"
+    assert float(rec["retained demo_nob/acc"]) == pytest.approx(0.0)
+    assert float(rec["mean retained"]) == pytest.approx(0.5)  # demo_nob left out
+    assert result["ranking"]["1b"][0]["mean_retained"] == pytest.approx(0.5)
+    md = (out / "merge_eval_report.md").read_text(encoding="utf-8")
+    assert "| std | eng-nob__ties | 50% | 0%† | 50% |" in md
+    assert "† Not usable for retention (oracle − base below 3 pp): demo_nob/acc at 1b-std." in md
+    # A configured oracle overrides the default; min_gain moves the threshold.
+    build_report(rows, out, oracle={"demo_nob": "nob"}, min_gain=0.5)
+    rec = by_name(read_csv(out / "merge_eval_pivot.csv"), "1b-std", "eng-nob__ties")
+    assert rec["oracle demo_nob/acc"] == "nob"
+    assert rec["usable demo_nob/acc"] == "False"  # nob gains 0 pp
+    assert rec["usable demo_eng/acc"] == "True"
+
+
+def test_bad_oracle_and_missing_samples(grid, tmp_path):
+    with pytest.raises(MergebakeError, match=r"report\.oracle\.demo_eng: 'deu' is not"):
+        build_report(grid, tmp_path / "r", oracle={"demo_eng": "deu"})
+    with pytest.raises(MergebakeError, match=r"report\.oracle: task\(s\) \['nope'\]"):
+        build_report(grid, tmp_path / "r", oracle={"nope": "eng"})
+    samples_path(grid[3]["eval"]).unlink()
+    with pytest.raises(MergebakeError, match=r"eng-nob__linear\.samples\.json\.gz"):
+        build_report(grid, tmp_path / "r")
+
+
+def test_check_oracle_config():
+    """The config-time check: every base must have the oracle adapter; baselines on."""
+    import yaml
+    from _workflow import ROOT
+
+    from mergebake.config import check_oracle_config, load_config
+
+    cfg = load_config(yaml.safe_load((ROOT / "config.yaml").read_text()), workflow_dir=ROOT)
+    assert cfg["report"]["oracle"] == {} and cfg["report"]["min_gain"] == 3.0
+    assert cfg["report"]["bootstrap"] == 1000
+    cfg["report"]["oracle"] = {"demo_eng": "eng"}
+    check_oracle_config(cfg)
+    cfg["report"]["oracle"] = {"demo_eng": "deu"}
+    with pytest.raises(
+        MergebakeError, match=r"key 'report\.oracle\.demo_eng': 'deu' is not an adapter"
+    ):
+        check_oracle_config(cfg)
+    cfg["report"]["oracle"] = {"demo_eng": "eng"}
+    cfg["eval"]["baselines"] = False
+    with pytest.raises(MergebakeError, match="eval.baselines"):
+        check_oracle_config(cfg)

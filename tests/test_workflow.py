@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -70,6 +71,18 @@ def test_demo_report_shows_each_adapter_teaching_its_skill(demo):
     md = (demo / "results/report/merge_eval_report.md").read_text()
     assert "ties" in md and "linear" in md
     assert (demo / "results/report/merge_eval_scores.png").stat().st_size > 0
+    # Intervals, retention and the heatmap (issue 13).
+    assert re.search(r"\| [01]\.\d{3} ± 0\.\d{3} \|", md)
+    assert re.search(r"\[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", md)
+    assert "| variant | group | metric | oracle | oracle − base (pp) | usable |" in md
+    assert "![Scores and Δ per row and metric](merge_eval_scores.png)" in md
+    for base in ("1b-std", "4b-open", "12b-std"):
+        cell = by[(base, "eng-nob__ties")]
+        assert cell["oracle demo_eng/acc"] == "eng" and cell["oracle demo_nob/acc"] == "nob"
+        assert float(cell["Δ demo_eng/acc lo"]) <= float(cell["Δ demo_eng/acc"])
+        assert float(cell["Δ demo_eng/acc"]) <= float(cell["Δ demo_eng/acc hi"])
+    for p in (demo / "results/eval").glob("*/*.json"):
+        assert p.with_name(p.stem + ".samples.json.gz").is_file(), p
 
 
 def test_second_run_schedules_nothing(copy_of):

@@ -59,14 +59,15 @@ def test_demo_plan_names_and_layout():
         "results/text/1b-std/nob",
     ]
     assert p.recipe("ties") == str(ROOT / "recipes" / "ties.yaml")
-    assert p.final_outputs()[:4] == [
+    assert p.final_outputs()[:5] == [
         "results/report/merge_eval_pivot.csv",
         "results/report/merge_eval_report.md",
+        "results/report/merge_eval_report.html",
         "results/report/merge_eval_scores.png",
         "results/report/method_ranking.png",
     ]
     assert p.final_outputs()[-1] == LAYOUT["hub_readme_receipt"] == "results/uploaded/README.json"
-    assert len(p.final_outputs()) == 4 + 14 + 1
+    assert len(p.final_outputs()) == 5 + 14 + 1
 
 
 def test_report_rows_cover_cells_and_baselines_sorted():
@@ -107,7 +108,14 @@ def test_card_spec_and_baseline_row():
     assert spec["baseline"] == {"name": "_base", "eval": "results/eval/4b-open/_base.json"}
     assert json.loads(p.payload("cards/4b-open/eng-nob__ties")) == spec
     assert p.card_payload(wc) == "results/payloads/cards/4b-open/eng-nob__ties.json"
-    assert p.baseline_eval(wc) == ["results/eval/4b-open/_base.json"]
+    evals = [f"results/eval/4b-open/{n}" for n in ("_base", "eng", "nob")]
+    assert p.baseline_eval(wc) == [f"{e}.json" for e in evals] + [
+        f"{e}.samples.json.gz" for e in ["results/eval/4b-open/eng-nob__ties", *evals]
+    ]
+    assert spec["uncertainty"]["adapters"] == {
+        "eng": "results/eval/4b-open/eng.json",
+        "nob": "results/eval/4b-open/nob.json",
+    }
     cfg = demo_config()
     cfg["report"]["baseline"] = "nob"
     assert plan(cfg).baseline_row("1b-std") == "nob"

@@ -15,6 +15,7 @@ from _grid import big_config
 from _workflow import ROOT, snakemake, write_config
 
 from mergebake.config import load_config
+from mergebake.evaluate import compact_samples, samples_path, write_samples
 from mergebake.workflow import Plan
 
 pytestmark = pytest.mark.workflow
@@ -41,6 +42,17 @@ def _eval_json(path: Path, value: float) -> None:
         "n-shot": {"demo_eng": 0, "demo_nob": 0},
     }
     path.write_text(json.dumps(data))
+    # per-document values (100 documents of 0/1) that average to the scores, as lm-eval
+    # logs them: the report's paired bootstrap reads them
+    logged = {
+        task: [
+            {"doc_id": d, "filter": "none", "doc_hash": f"h{d}", "metrics": ["acc"],
+             "acc": float(d < round(v * 100))}
+            for d in range(100)
+        ]
+        for task, v in (("demo_eng", value), ("demo_nob", 1 - value))
+    }  # fmt: skip
+    write_samples(samples_path(path), compact_samples(logged, {}))
 
 
 def test_1000_cells_plan_and_build_their_report_and_readme(tmp_path):

@@ -175,7 +175,16 @@ def cmd_report(a: argparse.Namespace) -> None:
     else:
         text = _read(Path(a.rows[1:]), "--rows @") if a.rows.startswith("@") else a.rows
         rows = _json(text, "--rows")
-    ranking = build_report(rows, a.out_dir, baseline=a.baseline, metrics=a.metric)
+    ranking = build_report(
+        rows,
+        a.out_dir,
+        baseline=a.baseline,
+        metrics=a.metric,
+        oracle=_json(a.oracle, "--oracle"),
+        min_gain=a.min_gain,
+        resamples=a.bootstrap,
+        seed=a.seed,
+    )
     print(json.dumps(ranking, indent=2, default=str))
 
 
@@ -316,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out-dir", type=Path, required=True)
     sp.add_argument("--baseline", default="base")
     sp.add_argument("--metric", action="append")
+    sp.add_argument("--oracle", default="{}", help='JSON {"task": "adapter row"} (report.oracle)')
+    sp.add_argument("--min-gain", type=float, default=3.0, help="pp (report.min_gain)")
+    sp.add_argument("--bootstrap", type=int, default=1000, help="resamples (report.bootstrap)")
+    sp.add_argument("--seed", type=int, default=1234)
 
     sp = add(
         "upload",

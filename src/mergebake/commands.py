@@ -16,6 +16,7 @@ far below 16 KiB at any grid size (``tests/test_commands.py`` checks 10,000 cell
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass, field
 from typing import Any
@@ -219,12 +220,18 @@ class Report:
     out_dir: str
     baseline: str
     metrics: tuple[str, ...] = field(default_factory=tuple)
+    oracle: str = "{}"  # JSON {task: adapter}: a few entries, not grid-sized
+    min_gain: float = 3.0
+    bootstrap: int = 1000
+    seed: int = 1234
 
     def argv(self) -> list[str]:
         return [
             *[PROG, "report", "--rows-file", self.rows_file, "--out-dir", self.out_dir],
             *["--baseline", self.baseline],
             *[a for m in self.metrics for a in ("--metric", m)],
+            *["--oracle", self.oracle, "--min-gain", f"{self.min_gain:g}"],
+            *["--bootstrap", str(self.bootstrap), "--seed", str(self.seed)],
         ]
 
 
@@ -381,6 +388,10 @@ def build(plan: Plan, rule: str, wc: dict[str, str] | Any) -> Command:
             out_dir=LAYOUT["report_dir"],
             baseline=cfg["report"]["baseline"],
             metrics=tuple(cfg["report"]["metrics"] or ()),
+            oracle=json.dumps(cfg["report"]["oracle"], sort_keys=True),
+            min_gain=cfg["report"]["min_gain"],
+            bootstrap=cfg["report"]["bootstrap"],
+            seed=cfg["seed"],
         )
     hub = cfg["hub"]
     if rule == "upload":

@@ -257,6 +257,37 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ConfigError(f"{source}: key 'eval.tasks': task(s) {sorted(dup)} listed twice")
+    check_oracle_config(config, source)
+
+
+def check_oracle_config(config: Mapping[str, Any], source: str = "config") -> None:
+    """Config-time check of ``report.oracle``, before any eval job runs.
+
+    Every mapped row must be a single-adapter row of every base of the grid (an adapter
+    some cell of that base merges), and single-adapter rows must be evaluated
+    (``eval.baselines``). Raises :class:`ConfigError` naming ``report.oracle.<task>``
+    (or ``eval.baselines``). ``config`` is the validated config (defaults filled).
+    """
+    oracle = (config.get("report") or {}).get("oracle") or {}
+    if not oracle:
+        return
+    if not config["eval"]["baselines"]:
+        raise ConfigError(
+            f"{source}: key 'report.oracle' is set but eval.baselines is false: the oracle "
+            "rows are the single-adapter baselines; set eval.baselines: true or drop "
+            "report.oracle"
+        )
+    adapters: dict[str, set[str]] = {}
+    for c in expand_grid(config):
+        adapters.setdefault(c.base, set()).update(config["groups"][c.group])
+    for task, name in oracle.items():
+        for base, names in sorted(adapters.items()):
+            if name not in names:
+                raise ConfigError(
+                    f"{source}: key 'report.oracle.{task}': {name!r} is not an adapter of "
+                    f"base {base!r} (its cells merge {sorted(names)}); name an adapter every "
+                    "base has"
+                )
 
 
 def _check_parameters(

@@ -127,13 +127,19 @@ def _n_shot(path: Path) -> dict[str, int]:
 
 
 def cell_scores(
-    scores: Path, baseline: Path | None, metrics: list[str] | None, baseline_name: str | None
+    scores: Path,
+    baseline: Path | None,
+    metrics: list[str] | None,
+    baseline_name: str | None,
+    uncertainty: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The cell's chosen metrics, the baseline's and the Δs, as the receipt's ``summary``.
 
     ``{"metrics": [{"task", "key", "column", "value", "baseline", "delta",
     "lower_is_better", "num_fewshot"}], "baseline": name or None, "mean_delta": float or
     None}``; ``mean_delta`` counts lower-is-better metrics negated (positive is a gain).
+    With ``uncertainty`` (see :func:`_add_uncertainty`) each metric also gets its Δ's 95%
+    interval and its retention against the task's oracle, as in the report.
     """
     evals = {0: read_eval(Path(scores))}
     if baseline is not None and Path(baseline).is_file():
@@ -159,7 +165,77 @@ def cell_scores(
         )
     deltas = [(-m["delta"] if m["lower_is_better"] else m["delta"]) for m in out]
     mean = (sum(deltas) / len(deltas)) if deltas and None not in deltas else None
-    return {"metrics": out, "baseline": baseline_name if 1 in evals else None, "mean_delta": mean}
+    summary = {
+        "metrics": out,
+        "baseline": baseline_name if 1 in evals else None,
+        "mean_delta": mean,
+    }
+    if uncertainty is not None:
+        _add_uncertainty(summary, Path(scores), baseline if 1 in evals else None, uncertainty)
+    return summary
+
+
+def _add_uncertainty(summary: dict, scores: Path, baseline: Path | None, spec: dict) -> None:
+    """Add each metric's Δ interval and retention to ``summary``, as the report computes them.
+
+    ``spec`` (the card spec's ``uncertainty``): ``bootstrap`` (resamples), ``seed``,
+    ``min_gain`` (pp), ``oracle`` (``{task: adapter}``), ``base`` (the ``_base`` row's eval
+    JSON or None), ``adapters`` (``{adapter: eval JSON}`` of the cell's group, in order).
+    Adds to each metric ``delta_lo``/``delta_hi`` (95% paired bootstrap; None without a
+    baseline), ``oracle``, ``gain_pp`` (oracle − base), ``usable`` and ``retained``, and
+    to ``summary`` ``mean_retained`` (over usable metrics; None when none). Raises
+    :class:`MergebakeError` naming a missing samples file.
+    """
+    from . import stats
+
+    boot = stats.Bootstrap(
+        int(spec.get("bootstrap", stats.DEFAULT_RESAMPLES)), spec.get("seed", 1234)
+    )
+    cell_samples = stats.load_samples(scores)
+    ref_samples = stats.load_samples(baseline) if baseline is not None else None
+    base = (
+        read_eval(Path(spec["base"])) if spec.get("base") and Path(spec["base"]).is_file() else None
+    )
+    adapters = {
+        a: read_eval(Path(p)) for a, p in (spec.get("adapters") or {}).items() if Path(p).is_file()
+    }
+    oracle_map = spec.get("oracle") or {}
+    min_gain = float(spec.get("min_gain", stats.DEFAULT_MIN_GAIN_PP))
+    first_of_task: dict[str, dict] = {}
+    kept = []
+    for m in summary["metrics"]:
+        task, key = m["task"], m["key"]
+        m["delta_lo"] = m["delta_hi"] = None
+        if m["delta"] is not None and ref_samples is not None:
+            c = stats.column(cell_samples, scores, task, key)
+            r = stats.column(ref_samples, baseline, task, key)
+            stats.check_paired(c, r, str(scores), str(baseline))
+            m["delta_lo"], m["delta_hi"] = boot.interval(boot.replicates(c) - boot.replicates(r))
+        first = first_of_task.setdefault(task, m)
+        if task in oracle_map:
+            name = oracle_map[task]
+            if name not in adapters:
+                raise MergebakeError(
+                    f"report.oracle.{task}: {name!r} has no eval results among this cell's "
+                    f"oracle candidates {sorted(adapters)}; name an adapter of the base"
+                )
+        else:
+            name = stats.choose_oracle(
+                {a: ev.scores.get(task, {}).get(first["key"]) for a, ev in adapters.items()},
+                lower_is_better=first["lower_is_better"],
+            )
+        b = base.scores.get(task, {}).get(key) if base else None
+        o = adapters[name].scores.get(task, {}).get(key) if name else None
+        gain = stats.oracle_gain_pp(b, o, lower_is_better=m["lower_is_better"])
+        m["oracle"] = name
+        m["gain_pp"] = None if math.isnan(gain) else gain
+        m["usable"] = None if math.isnan(gain) else stats.usable(gain, min_gain)
+        ret = stats.retained(m["value"], b, o)
+        m["retained"] = None if math.isnan(ret) else ret
+        if m["usable"] and m["retained"] is not None:
+            kept.append(m["retained"])
+    summary["mean_retained"] = sum(kept) / len(kept) if kept else None
+    summary["min_gain"] = min_gain
 
 
 def _eval_results(summary: dict[str, Any]) -> list:
@@ -282,8 +358,10 @@ def build_cell_card(cell_dir: Path, spec: dict[str, Any], summary: dict[str, Any
             )
         )
         lines.append("")
-        rows = [
-            [
+        rich = "retained" in (summary["metrics"][0] if summary["metrics"] else {})
+        rows = []
+        for m in summary["metrics"]:
+            row = [
                 m["task"],
                 m["key"].replace(",none", ""),
                 str(m["num_fewshot"]) if m["num_fewshot"] is not None else "–",
@@ -291,15 +369,35 @@ def build_cell_card(cell_dir: Path, spec: dict[str, Any], summary: dict[str, Any
                 _fmt(m["baseline"]),
                 _fmt(m["delta"], signed=True),
             ]
-            for m in summary["metrics"]
-        ]
-        lines += md_table(
-            ["task", "metric", "n-shot", "this cell", f"baseline ({ref or '–'})", "Δ"],
-            rows,
-            ["l", "l", "r", "r", "r", "r"],
-        )
+            if rich:
+                lo, hi = m.get("delta_lo"), m.get("delta_hi")
+                row += [
+                    f"[{_fmt(lo, True)}, {_fmt(hi, True)}]" if lo is not None else "–",
+                    f"`{m['oracle']}`" if m.get("oracle") else "–",
+                    f"{m['gain_pp'] + 0.0:+.1f}" if m.get("gain_pp") is not None else "–",
+                    (f"{round(100 * m['retained']) + 0:d}%" if m["retained"] is not None else "–")
+                    + ("†" if m.get("usable") is False else ""),
+                ]
+            rows.append(row)
+        header = ["task", "metric", "n-shot", "this cell", f"baseline ({ref or '–'})", "Δ"]
+        align = ["l", "l", "r", "r", "r", "r"]
+        if rich:
+            header += ["Δ 95% CI", "oracle", "oracle − base (pp)", "retained"]
+            align += ["r", "l", "r", "r"]
+        lines += md_table(header, rows, align)
         if summary.get("mean_delta") is not None:
             lines += ["", f"Mean Δ over these metrics: {_fmt(summary['mean_delta'], True)}."]
+        if rich:
+            mr = summary.get("mean_retained")
+            lines += [
+                "",
+                "Δ 95% CI: paired bootstrap over the same documents. Retention: the oracle of "
+                "a task is the single adapter trained for it (the best-scoring adapter of the "
+                "group unless configured); retained = (cell − base)/(oracle − base). "
+                f"† oracle − base below {summary.get('min_gain', 3.0):g} pp: not usable, left "
+                "out of the mean."
+                + (f" Mean retained: {round(100 * mr) + 0:d}%." if mr is not None else ""),
+            ]
     else:
         lines.append("No scores.")
     recipe = render_recipe(cell_dir, spec)

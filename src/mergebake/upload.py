@@ -420,7 +420,11 @@ def cli_upload(a) -> None:
         if not a.scores:
             raise MergebakeError("--card needs --scores (the cell's eval JSON)")
         summary = cell_scores(
-            a.scores, baseline.get("eval"), spec.get("metrics"), baseline.get("name")
+            a.scores,
+            baseline.get("eval"),
+            spec.get("metrics"),
+            baseline.get("name"),
+            spec.get("uncertainty"),
         )
         card_text = str(build_cell_card(a.cell, spec, summary))
         description = f"Rendered recipe:\n\n```yaml\n{render_recipe(a.cell, spec)}```\n"

@@ -7,6 +7,8 @@ Rules name them as ``LAYOUT["merged"]``; Python fills them with :func:`path`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..config import BASE_ROW
 
 LAYOUT: dict[str, str] = {
@@ -24,9 +26,13 @@ LAYOUT: dict[str, str] = {
     # scores and the report
     "eval_cell": "results/eval/{base}/{group}__{method}.json",
     "eval_baseline": "results/eval/{base}/{row}.json",
+    # per-document values beside each eval JSON (paired bootstrap intervals)
+    "eval_cell_samples": "results/eval/{base}/{group}__{method}.samples.json.gz",
+    "eval_baseline_samples": "results/eval/{base}/{row}.samples.json.gz",
     "report_dir": "results/report",
     "report_csv": "results/report/merge_eval_pivot.csv",
     "report_md": "results/report/merge_eval_report.md",
+    "report_html": "results/report/merge_eval_report.html",
     "report_scores_png": "results/report/merge_eval_scores.png",
     "report_ranking_png": "results/report/method_ranking.png",
     # publishing
@@ -40,7 +46,8 @@ LAYOUT: dict[str, str] = {
 
 #: The report's outputs, in the order the report rule lists them.
 REPORT_OUTPUTS = [
-    LAYOUT[k] for k in ("report_csv", "report_md", "report_scores_png", "report_ranking_png")
+    LAYOUT[k]
+    for k in ("report_csv", "report_md", "report_html", "report_scores_png", "report_ranking_png")
 ]
 
 #: Names of the payload files (``LAYOUT["payload"]`` with ``{payload}`` filled).
@@ -56,6 +63,14 @@ PAYLOAD_PATTERN = "report_rows|hub_readme_rows|hub_meta|eval_tasks|cards/[^/]+/[
 def path(kind: str, **wildcards: str) -> str:
     """``LAYOUT[kind]`` with its wildcards filled; KeyError names a missing wildcard."""
     return LAYOUT[kind].format(**wildcards)
+
+
+def samples_of(eval_json: str) -> str:
+    """The per-document samples file beside an eval JSON (see
+    :func:`mergebake.evaluate.samples_path`)."""
+    from ..evaluate import samples_path
+
+    return str(samples_path(Path(eval_json)))
 
 
 def payload_path(name: str) -> str:

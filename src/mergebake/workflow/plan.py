@@ -31,6 +31,7 @@ from .layout import (
     REPORT_OUTPUTS,
     path,
     payload_path,
+    samples_of,
 )
 from .sources import HubSource, PathSource, Source, source_from_config
 from .tasks import build_index, task_files
@@ -240,8 +241,8 @@ class Plan:
 
     def report_rows(self) -> list[dict[str, Any]]:
         """The report's rows: one per cell and, with ``eval.baselines``, per baseline row;
-        each ``{base, size, variant, kind, name, group, method, eval}``, sorted by (base,
-        kind, name)."""
+        each ``{base, size, variant, kind, name, group, method, eval}`` (a cell's also
+        ``adapters``, its group: the oracle candidates), sorted by (base, kind, name)."""
         rows = [
             dict(
                 base=c.base,
@@ -251,6 +252,7 @@ class Plan:
                 name=c.name,
                 group=c.group,
                 method=c.method,
+                adapters=list(self.config["groups"][c.group]),  # the oracle candidates
                 eval=path("eval_cell", base=c.base, group=c.group, method=c.method),
             )
             for c in self.cells
@@ -278,8 +280,10 @@ class Plan:
         return [BASE_ROW, *self.adapters[base]]
 
     def report_evals(self) -> list[str]:
-        """Every eval JSON the report reads: cells and baselines."""
-        return [r["eval"] for r in self.report_rows()]
+        """Every eval JSON the report reads, and its per-document samples: cells and
+        baselines."""
+        evals = [r["eval"] for r in self.report_rows()]
+        return evals + [samples_of(e) for e in evals]
 
     # ---- publishing --------------------------------------------------------------
 
@@ -292,9 +296,15 @@ class Plan:
         return name if name == BASE_ROW or name in self.adapters[base] else None
 
     def baseline_eval(self, wc: Wildcards) -> list[str]:
-        """The eval JSON of the cell's baseline row, or [] when none is scored."""
+        """Eval JSONs (and per-document samples) a cell's card reads: the cell's own samples,
+        the baseline row (Δ), the base and the group's adapters (retention); [] when no
+        baseline is scored."""
         row = self.baseline_row(wc["base"])
-        return [path("eval_baseline", base=wc["base"], row=row)] if row else []
+        if not row:
+            return []
+        names = sorted({row, BASE_ROW, *self.config["groups"][wc["group"]]})
+        evals = [path("eval_baseline", base=wc["base"], row=n) for n in names]
+        return evals + [samples_of(e) for e in [path("eval_cell", **wc), *evals]]
 
     def _card_entries(self, wc: Wildcards) -> tuple[dict, list[dict]]:
         base = wc["base"]
@@ -336,6 +346,21 @@ class Plan:
             metrics=self.config["report"]["metrics"],
             baseline=(
                 dict(name=row, eval=path("eval_baseline", base=c.base, row=row)) if row else None
+            ),
+            uncertainty=(
+                dict(
+                    bootstrap=self.config["report"]["bootstrap"],
+                    seed=self.config["seed"],
+                    min_gain=self.config["report"]["min_gain"],
+                    oracle=self.config["report"]["oracle"],
+                    base=path("eval_baseline", base=c.base, row=BASE_ROW),
+                    adapters={
+                        a: path("eval_baseline", base=c.base, row=a)
+                        for a in self.config["groups"][c.group]
+                    },
+                )
+                if row
+                else None
             ),
         )
 
