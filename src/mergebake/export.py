@@ -593,7 +593,7 @@ def metadata_problems(gguf_path: str | os.PathLike, config: Mapping[str, Any]) -
 
     For each field of :func:`_expected_fields` present in the GGUF: the GGUF value type
     must be of the config value's kind (bool -> ``BOOL``; int -> an integer type; float
-    -> ``FLOAT32``/``FLOAT64``; an int config value may also be stored as a float) and the
+    -> ``FLOAT32``/``FLOAT64``) and the
     value equal (floats to float32 precision, relative 1e-6). Then the per-layer
     sliding-window flags llama.cpp will use (:func:`_swa_layers`) must equal the config's
     ``layer_types`` (``"sliding_attention"`` -> sliding). ``tokenizer.ggml.add_bos_token``
@@ -617,7 +617,7 @@ def metadata_problems(gguf_path: str | os.PathLike, config: Mapping[str, Any]) -
         gtype = types[0]
         ok_type = (
             (kind == "bool" and gtype == "BOOL")
-            or (kind == "int" and gtype in _INT_TYPES | _FLOAT_TYPES)
+            or (kind == "int" and gtype in _INT_TYPES)
             or (kind == "float" and gtype in _FLOAT_TYPES)
         )
         if not ok_type:
@@ -869,10 +869,14 @@ def verify_gguf(
     if not any(p.startswith("tensor ") and "NaN" in p for p in problems):
         ids = prompt_ids(cell, prompts)
         ref = reference_logits(cell, ids)
-        got = llama_logits(path, ids, threads=threads or _default_threads())
-        logit_issues, summary["logits"] = logit_problems(gguf_type, ref, got)
-        summary["prompt_ids"] = ids
-        problems += logit_issues
+        try:
+            got = llama_logits(path, ids, threads=threads or _default_threads())
+        except Exception as e:  # llama-cpp-python raises ValueError on a file it rejects
+            problems.append(f"llama.cpp could not load or run the file: {e}")
+        else:
+            logit_issues, summary["logits"] = logit_problems(gguf_type, ref, got)
+            summary["prompt_ids"] = ids
+            problems += logit_issues
     if problems:
         raise GGUFCheckError(path, problems)
     summary["metadata"] = []
