@@ -83,21 +83,45 @@ def test_skill_docs_are_well_formed():
 
 
 def test_tokenizer_encodes_like_lm_eval(tmp_path):
-    from transformers import AutoTokenizer
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, GemmaTokenizer
 
     demo.make_tokenizer(tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert isinstance(tok, GemmaTokenizer)
     assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, 2)
-    assert len(tok) == len(demo.VOCAB) <= demo.VOCAB_SIZE
-    seven, eight = tok.convert_tokens_to_ids(["seven", "eight"])
+    assert len(tok) == len(demo.VOCAB) == demo.N_PIECES <= demo.VOCAB_SIZE < demo.N_PIECES + 8
+    seven, eight = tok.convert_tokens_to_ids(["seven", "▁eight"])
     assert tok("seven").input_ids == [demo.BOS_ID, seven]
     assert tok(" eight", add_special_tokens=False).input_ids == [eight]
     # lm-eval (causal): encode context + continuation, then split off the context's tokens.
     whole = tok.encode("seven eight")
     assert whole[: len(tok.encode("seven"))] == [demo.BOS_ID, seven] and whole[2:] == [eight]
-    for w in demo.VOCAB[len(demo.SPECIAL_TOKENS) :]:
-        assert tok(" " + w, add_special_tokens=False).input_ids == [demo.VOCAB.index(w)]
+    # The transformers tokenizer and the SentencePiece model (what llama.cpp's converter
+    # reads) agree on ids: every word is one piece, alone and after a space.
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert sp.get_piece_size() == demo.N_PIECES
+    assert [sp.id_to_piece(i) for i in range(sp.get_piece_size())] == list(demo.VOCAB)
+    for w in demo.ENG_WORDS + demo.NOB_WORDS:
+        for text in (w, " " + w):
+            ids = tok(text, add_special_tokens=False).input_ids
+            assert ids == sp.encode(text) and len(ids) == 1, text
+    for text in ("hello, world!\n", "Åtte  sju?"):  # byte fallback: any text round-trips
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert ids == sp.encode(text) and demo.UNK_ID not in ids and tok.decode(ids) == text
     assert tok.convert_tokens_to_ids("<image_soft_token>") == demo.IMAGE_ID
+    assert (tok.image_token_id, tok.boi_token, tok.eoi_token) == (demo.IMAGE_ID, demo.BOI, demo.EOI)
+
+
+def test_tokenizer_files_are_deterministic(tmp_path):
+    demo.make_tokenizer(tmp_path / "a")
+    demo._SP_MODEL = None  # train again from scratch
+    demo.make_tokenizer(tmp_path / "b")
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert str(tmp_path) not in (tmp_path / "a" / "tokenizer_config.json").read_text()
 
 
 # --------------------------------------------------------------------------- bases
@@ -113,6 +137,7 @@ def test_make_base_is_deterministic(bases, tmp_path):
         "config.json",
         "generation_config.json",
         "tokenizer.json",
+        "tokenizer.model",
         "tokenizer_config.json",
     ):
         assert (tmp_path / "again" / name).read_bytes() == (bases["text"] / name).read_bytes()
@@ -125,7 +150,11 @@ def test_text_base_layout(bases):
     cfg = json.loads((bases["text"] / "config.json").read_text())
     assert cfg["model_type"] == "gemma3_text" and cfg["architectures"] == ["Gemma3ForCausalLM"]
     assert cfg["dtype"] == "bfloat16" and cfg["vocab_size"] == demo.VOCAB_SIZE
-    assert "full_attention" in cfg["layer_types"]
+    # Gemma-3's exact period (every 6th layer global), which llama.cpp's runtime assumes
+    n = cfg["num_hidden_layers"]
+    assert cfg["layer_types"] == [
+        "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)
+    ]
     with safe_open(bases["text"] / "model.safetensors", "pt") as f:
         keys = set(f.keys())
         assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
@@ -321,7 +350,7 @@ def test_cli_functions(bases, tmp_path, capsys):
         torch.set_num_threads(threads)
     assert json.loads(capsys.readouterr().out)["layers"] == 1
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
-    assert cfg["num_hidden_layers"] == 1 and cfg["layer_types"] == ["full_attention"]
+    assert cfg["num_hidden_layers"] == 1 and cfg["layer_types"] == ["sliding_attention"]
 
     # An adapter that learns nothing fails loudly, though its folder is written.
     with pytest.raises(MergebakeError, match="min_accuracy"):

@@ -3,7 +3,9 @@
 Everything here is generated deterministically on the CPU with the real classes, so the
 default config runs with no downloads:
 
-- :func:`make_tokenizer` writes a word-level tokenizer over the words of both skills;
+- :func:`make_tokenizer` writes a Gemma tokenizer: a SentencePiece model trained on the
+  skills' text (``tokenizer.model``, which llama.cpp's converter reads) and its
+  ``transformers`` form;
 - :func:`make_base` builds a randomly initialised ``Gemma3ForCausalLM`` (``arch="text"``,
   like Gemma-3 1b) or ``Gemma3ForConditionalGeneration`` with a small SigLIP vision tower
   (``arch="multimodal"``, like Gemma-3 4b/12b) and saves it with ``save_pretrained``;
@@ -92,9 +94,12 @@ PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 BOI, EOI, IMAGE = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, EOS, BOS, UNK, BOI, EOI, IMAGE)
 PAD_ID, EOS_ID, BOS_ID, UNK_ID, BOI_ID, EOI_ID, IMAGE_ID = range(len(SPECIAL_TOKENS))
-VOCAB: tuple[str, ...] = SPECIAL_TOKENS + ENG_WORDS + NOB_WORDS
+#: Pieces of the demo's SentencePiece model (:func:`train_sentencepiece`): the 7 special
+#: tokens, 256 byte-fallback pieces, the BPE merges learned from the skills' text, and the
+#: characters. Checked against the trained model by the tests.
+N_PIECES = 533
 #: The model's vocabulary size: the tokenizer's, padded up to a multiple of 8.
-VOCAB_SIZE = -(-len(VOCAB) // 8) * 8
+VOCAB_SIZE = -(-N_PIECES // 8) * 8
 MAX_POSITIONS = 128
 #: Weight init std of the demo bases. Gemma-3's default (0.02) gives tied embeddings so
 #: short that no logit can exceed about 1.3, which caps what an adapter can learn and lets
@@ -162,60 +167,159 @@ def _skill_words(skill: str) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- tokenizer
 
 
-def build_tokenizer():
-    """The demo tokenizer as a ``transformers`` fast tokenizer, built in memory.
+def tokenizer_corpus() -> list[str]:
+    """The text the demo tokenizer is trained on, one sentence per item, in a fixed order.
 
-    A ``tokenizers`` WordLevel model over :data:`VOCAB` (ids: ``<pad>`` 0, ``<eos>`` 1,
-    ``<bos>`` 2, ``<unk>`` 3, the three image tokens 4–6, then the words) with a whitespace
-    pre-tokenizer and a post-processor that prepends ``<bos>`` when special tokens are
-    added, as Gemma's does. So ``tok("seven").input_ids == [2, id("seven")]`` and
-    ``tok(" eight", add_special_tokens=False).input_ids == [id("eight")]``, which is how
-    lm-eval encodes a context and its continuation.
+    For each skill: its whole counting sequence on one line, then every word alone and every
+    word followed by its successor (``"seven eight"``), so each word is seen both at the
+    start of a text (no space before it) and after a space, as lm-eval presents a context
+    and its continuation.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    sentences = []
+    for skill in SKILLS:
+        words = SKILL_WORDS[skill]
+        sentences.append(" ".join(words))
+        for i, word in enumerate(words):
+            sentences.append(word)
+            sentences.append(f"{word} {words[(i + 1) % len(words)]}")
+    return sentences
 
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, BOS_ID)]
+
+def train_sentencepiece() -> bytes:
+    """Train the demo's SentencePiece model on :func:`tokenizer_corpus`; return its bytes.
+
+    A BPE model trained by the ``sentencepiece`` library (``SentencePieceTrainer``) with
+    Gemma's settings: ids ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, then the image
+    tokens ``<start_of_image>``, ``<end_of_image>``, ``<image_soft_token>`` (4-6, user
+    defined symbols), byte fallback (256 ``<0xNN>`` pieces, so any text encodes), no dummy
+    prefix, whitespace kept as ``▁``, identity normalisation. The vocabulary is left to
+    grow until every word of both skills is one piece on its own and one piece with a
+    leading ``▁`` (:data:`N_PIECES` pieces in all). Single-threaded on in-memory input,
+    so the same library version gives the same bytes on every run (the returned bytes are
+    a serialised ``ModelProto``, the ``tokenizer.model`` file Gemma checkpoints ship).
+    """
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tokenizer_corpus()),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=4 * N_PIECES,
+        hard_vocab_limit=False,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        bos_id=BOS_ID,
+        unk_id=UNK_ID,
+        pad_piece=PAD,
+        eos_piece=EOS,
+        bos_piece=BOS,
+        unk_piece=UNK,
+        user_defined_symbols=[BOI, EOI, IMAGE],
+        byte_fallback=True,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        split_digits=True,
+        character_coverage=1.0,
+        max_sentencepiece_length=16,
+        num_threads=1,
+        minloglevel=2,
     )
-    core.add_special_tokens(list(SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        extra_special_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": IMAGE},
+    return buf.getvalue()
+
+
+def _pieces() -> tuple[str, ...]:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=_sentencepiece_model())
+    return tuple(sp.id_to_piece(i) for i in range(sp.get_piece_size()))
+
+
+_SP_MODEL: bytes | None = None
+
+
+def _sentencepiece_model() -> bytes:
+    global _SP_MODEL
+    if _SP_MODEL is None:
+        _SP_MODEL = train_sentencepiece()
+    return _SP_MODEL
+
+
+def __getattr__(name: str) -> Any:
+    # VOCAB needs a trained model; computed on first use so importing this module stays cheap.
+    if name == "VOCAB":
+        return _pieces()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _tokenizer_from_model(model_file: Path):
+    from transformers import GemmaTokenizer
+
+    # transformers' own SentencePiece -> tokenizers conversion (as for a Gemma checkpoint
+    # that ships only tokenizer.model); the file path is dropped so no path is saved.
+    kwargs = GemmaTokenizer.convert_to_native_format(vocab_file=str(model_file))
+    kwargs.pop("vocab_file", None)
+    return GemmaTokenizer(
+        **kwargs,
+        add_bos_token=True,
+        mask_token=None,
         model_max_length=MAX_POSITIONS,
         padding_side="left",
+        extra_special_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": IMAGE},
     )
+
+
+def build_tokenizer():
+    """The demo tokenizer as a ``transformers`` ``GemmaTokenizer``, built in memory.
+
+    The SentencePiece model of :func:`train_sentencepiece`, converted by transformers' own
+    SentencePiece converter into a BPE ``tokenizers`` backend with byte fallback, Gemma's
+    ``" " -> "▁"`` normaliser and a post-processor that prepends ``<bos>`` (id 2). Every
+    skill word is one token with and without a leading space, so
+    ``tok("seven").input_ids == [2, id("seven")]`` and
+    ``tok(" eight", add_special_tokens=False).input_ids == [id("▁eight")]``, which is how
+    lm-eval encodes a context and its continuation. Token ids equal the SentencePiece ids
+    (``len(tok) ==`` :data:`N_PIECES`).
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_file = Path(tmp) / "tokenizer.model"
+        model_file.write_bytes(_sentencepiece_model())
+        return _tokenizer_from_model(model_file)
 
 
 def make_tokenizer(out: Path) -> None:
-    """Save the demo tokenizer (:func:`build_tokenizer`) into the folder ``out``.
+    """Save the demo tokenizer into the folder ``out``, as Gemma checkpoints ship theirs.
 
-    Writes ``tokenizer.json`` and ``tokenizer_config.json`` with ``save_pretrained``, so
-    ``AutoTokenizer.from_pretrained(out)`` works offline. ``out`` is created if needed and
-    other files in it are left alone (the base models keep their tokenizer beside the
-    weights).
+    Writes ``tokenizer.model`` (the SentencePiece model of :func:`train_sentencepiece`,
+    which llama.cpp's ``convert_hf_to_gguf.py`` reads), and ``tokenizer.json`` and
+    ``tokenizer_config.json`` (``tokenizer_class`` ``GemmaTokenizer``) with
+    ``save_pretrained``, so ``AutoTokenizer.from_pretrained(out)`` works offline. The same
+    library versions give the same bytes. ``out`` is created if needed and other files in
+    it are left alone (the base models keep their tokenizer beside the weights).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer().save_pretrained(out)
+    model_file = out / "tokenizer.model"
+    model_file.write_bytes(_sentencepiece_model())
+    _tokenizer_from_model(model_file).save_pretrained(out)
 
 
 # --------------------------------------------------------------------------- bases
 
 
 def _layer_types(num_layers: int) -> list[str]:
-    """Gemma-3's local/global pattern (every 6th layer global), with the last layer global
-    in models shorter than 6 layers, so every demo model has a full-attention layer."""
-    period = min(6, num_layers)
+    """Gemma-3's local/global pattern exactly as the real checkpoints have it: every 6th
+    layer global, the rest sliding-window. llama.cpp's Gemma-3 runtime assumes this period
+    (its converter writes no per-layer pattern), so a demo base shorter than 6 layers is all
+    sliding-window; with the demo's short prompts (under ``sliding_window`` tokens) that
+    attends exactly as full attention would."""
     return [
-        "full_attention" if (i + 1) % period == 0 else "sliding_attention"
-        for i in range(num_layers)
+        "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(num_layers)
     ]
 
 
@@ -883,10 +987,12 @@ def cli_tasks(out: str | Path) -> int:
 __all__: Sequence[str] = (
     "SKILLS",
     "SKILL_WORDS",
-    "VOCAB",
+    "N_PIECES",
     "VOCAB_SIZE",
     "GROUP",
     "skill_docs",
+    "tokenizer_corpus",
+    "train_sentencepiece",
     "build_tokenizer",
     "make_tokenizer",
     "base_config",
