@@ -85,6 +85,7 @@ def test_demo_commands_match_the_argv_the_rules_ran_before():
         *["--model", "eng=results/text/4b-open/eng", "--model", "nob=results/text/4b-open/nob"],
         *["--parameters", '{"weight": {"eng": 0.5, "nob": 0.5}}', "--seed", "1234"],
         *["--out-shard-size", "5B", "--device", "auto"],
+        *["--engine", "stream", "--selection", "exact"],  # merge.engine/selection (new)
         *["--out", "results/merged/4b-open/eng-nob__linear"],
     ]
     assert commands.command_line(plan, "demo_base", {"base": "12b-std"}) == (

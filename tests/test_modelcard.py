@@ -278,3 +278,16 @@ def test_card_carries_delta_interval_and_retention(tmp_path):
     samples.unlink()
     with pytest.raises(MergebakeError, match=r"cell\.samples\.json\.gz"):
         cell_scores(cell, base, None, "_base", spec)
+
+
+def test_card_says_which_engine_and_selection_made_the_cell(tmp_path):
+    from mergebake.modelcard import _engine_lines
+
+    prov = tmp_path / "provenance.json"
+    assert _engine_lines(tmp_path) == []  # no provenance: nothing claimed
+    prov.write_text(json.dumps({"params": {"engine": "stream", "selection": "exact"}}))
+    assert _engine_lines(tmp_path)[1].startswith("Merged by mergebake's stream engine")
+    assert "fast selection" not in _engine_lines(tmp_path)[1]
+    prov.write_text(json.dumps({"params": {"engine": "mergekit", "selection": "fast"}}))
+    line = _engine_lines(tmp_path)[1]
+    assert line.startswith("Merged by mergekit.") and "fast selection" in line

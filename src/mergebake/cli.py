@@ -132,6 +132,9 @@ def cmd_merge(a: argparse.Namespace) -> None:
         allow_pickle=a.allow_pickle,
         trust_remote_code=a.trust_remote_code,
         device=a.device,
+        engine=a.engine,
+        selection=a.selection,
+        workers=a.workers or a.threads,
     )
     print(json.dumps(res, indent=2, default=str))
 
@@ -296,6 +299,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-pickle", action="store_true")
     sp.add_argument("--trust-remote-code", action="store_true")
     sp.add_argument("--device", default="auto", help=DEVICE_HELP)
+    sp.add_argument(
+        "--engine",
+        choices=["stream", "mergekit"],
+        default="mergekit",
+        help="stream: mergekit's per-tensor code in worker threads, byte-identical to "
+        "mergekit-yaml (randomised methods and unsupported recipe features run mergekit)",
+    )
+    sp.add_argument(
+        "--selection",
+        choices=["exact", "fast"],
+        default="exact",
+        help="magnitude trimming: exact (mergekit's sort) or fast (linear-time, lowest index "
+        "first among magnitudes equal to the cut-off; stream engine only)",
+    )
+    sp.add_argument("--workers", type=int, help="stream engine workers (default: --threads)")
     sp.add_argument("--threads", type=int)
 
     sp = add("verify", cmd_verify, "verify a checkpoint against a reference checkpoint")

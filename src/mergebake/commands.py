@@ -170,6 +170,8 @@ class Merge:
     dtype: str | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    engine: str = "stream"
+    selection: str = "exact"
 
     def argv(self) -> list[str]:
         return [
@@ -181,6 +183,7 @@ class Merge:
             *_opt("--dtype", self.dtype),
             *_flag("--allow-pickle", self.allow_pickle),
             *_flag("--trust-remote-code", self.trust_remote_code),
+            *["--engine", self.engine, "--selection", self.selection],
             *["--out", self.out],
         ]
 
@@ -366,6 +369,8 @@ def build(plan: Plan, rule: str, wc: dict[str, str] | Any) -> Command:
             dtype=cfg["merge"]["dtype"],
             allow_pickle=cfg["allow_pickle"],
             trust_remote_code=cfg["trust_remote_code"],
+            engine=cfg["merge"]["engine"],
+            selection=cfg["merge"]["selection"],
         )
     if rule in ("eval_cell", "eval_baseline"):
         e = cfg["eval"]

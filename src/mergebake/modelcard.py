@@ -407,6 +407,7 @@ def build_cell_card(cell_dir: Path, spec: dict[str, Any], summary: dict[str, Any
         "",
         f"The rendered mergekit recipe (`{cell['method']}`); `{spec['base']['name']}+"
         "<adapter>` stands for the base with that adapter baked in.",
+        *_engine_lines(cell_dir),
         "",
         "```yaml",
         recipe.rstrip("\n"),
@@ -415,6 +416,30 @@ def build_cell_card(cell_dir: Path, spec: dict[str, Any], summary: dict[str, Any
     ]
     body = "\n".join(lines)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def _engine_lines(cell_dir: Path) -> list[str]:
+    """Which merge engine and magnitude selection made the cell, from its provenance."""
+    prov = Path(cell_dir) / "provenance.json"
+    try:
+        params = json.loads(prov.read_text()).get("params") or {}
+    except (OSError, ValueError):
+        return []
+    engine, selection = params.get("engine"), params.get("selection")
+    if not engine:
+        return []
+    what = {
+        "stream": "mergebake's stream engine (mergekit's own per-tensor code, byte-identical "
+        "to `mergekit-yaml`)",
+        "mergekit": "mergekit",
+    }.get(engine, f"`{engine}`")
+    sel = (
+        " Magnitude trimming used the fast selection (ties at the cut-off broken by lowest "
+        "index), which can differ from mergekit among entries equal to the cut-off."
+        if selection == "fast"
+        else ""
+    )
+    return ["", f"Merged by {what}.{sel}"]
 
 
 def build_repo_card(
