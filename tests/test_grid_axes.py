@@ -267,3 +267,39 @@ def test_bad_block_suites_name_the_key(block_eval, message):
     with pytest.raises(ConfigError) as e:
         load_config(c)
     assert message in str(e.value)
+
+
+def test_sweep_curves_follow_one_swept_value_with_the_others_fixed(tmp_path):
+    import pandas as pd
+
+    from mergebake import plots, report
+
+    def row(d, lam):
+        return {"sweep": {"method": "ties", "parameters": {"density": d, "lambda": lam}}}
+
+    rows = [row(0.5, 1), row(0.3, 1), row(0.3, 2), {"name": "eng"}]
+    df = pd.DataFrame(
+        {
+            "_row": [0, 1, 2, 3],
+            "_base": ["1b-std"] * 4,
+            "_group": ["eng-nob", "eng-nob", "eng-nob", None],
+            report.MEAN_DELTA: [0.2, 0.1, 0.4, 0.0],
+        }
+    )
+    assert report._sweep_curves(df, rows) == [
+        {
+            "label": "1b-std eng-nob__ties lambda=1",
+            "parameter": "density",
+            "x": [0.3, 0.5],
+            "y": [0.1, 0.2],
+        },
+        {
+            "label": "1b-std eng-nob__ties density=0.3",
+            "parameter": "lambda",
+            "x": [1.0, 2.0],
+            "y": [0.1, 0.4],
+        },
+    ]
+    out = tmp_path / "s.png"
+    plots.plot_sweep(report._sweep_curves(df, rows), out, title="t")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

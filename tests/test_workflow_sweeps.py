@@ -52,6 +52,8 @@ def test_the_sweep_is_built_and_unscored_tasks_stay_empty(built):
     assert rows["eng-nob__linear"][nob] == ""  # its block scores demo_eng only
     assert not math.isnan(float(rows["eng-nob__ties.density-0.3"][nob]))
     assert not math.isnan(float(rows["nob"][nob]))  # baselines: the union of the tasks
+    assert (built / "results/report/sweep_curves.png").is_file()
+    assert "sweep_curves.png" in (built / "results/report/merge_eval_report.md").read_text()
 
 
 REPORT = {
