@@ -40,7 +40,7 @@ WILDCARDS = dict(
     base=_alternation(PLAN.bases),
     adapter=_alternation(PLAN.all_adapters()),
     group=_alternation(config["groups"]),
-    method=_alternation(config["methods"]),
+    method=_alternation(PLAN.method_names()),
 )
 DEMO_BASES = _alternation(PLAN.bases_from("demo"))
 HUB_BASES = _alternation(PLAN.bases_from("hub"))

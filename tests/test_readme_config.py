@@ -27,7 +27,8 @@ def schema_keys(node: dict | None = None, prefix: str = "") -> dict[str, object]
 
     A mapping with fixed ``properties`` is walked into; a mapping of user-chosen names
     (``additionalProperties`` with a schema) appears as ``<name>`` and is walked into when
-    its values have fixed properties of their own (``methods.<method>.recipe``)."""
+    its values have fixed properties of their own (``methods.<method>.recipe``); a list of
+    mappings without a default (``grid``) is walked into as ``grid[].<key>``."""
     node = _resolve(node if node is not None else SCHEMA)
     out: dict[str, object] = {}
     for name, sub in (node.get("properties") or {}).items():
@@ -38,8 +39,11 @@ def schema_keys(node: dict | None = None, prefix: str = "") -> dict[str, object]
             if isinstance(sub.get("additionalProperties"), dict)
             else {}
         )
+        items = _resolve(sub.get("items") or {}) if sub.get("type") == "array" else {}
         if sub.get("type") == "object" and sub.get("properties") and prefix.count("<") == 0:
             out.update(schema_keys(sub, f"{key}."))
+        elif items.get("properties") and not prefix and "default" not in sub:
+            out.update(schema_keys(items, f"{key}[]."))  # grid blocks: grid[].<key>
         elif sub.get("type") == "object" and inner.get("properties") and "propertyNames" in sub:
             out.update(schema_keys(inner, f"{key}.<>."))
         else:

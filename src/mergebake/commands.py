@@ -23,7 +23,6 @@ from typing import Any
 
 from .workflow import LAYOUT, Plan, dumps, path, payload_path
 from .workflow.layout import (
-    PAYLOAD_EVAL_TASKS,
     PAYLOAD_HUB_META,
     PAYLOAD_HUB_ROWS,
     PAYLOAD_REPORT_ROWS,
@@ -378,7 +377,7 @@ def build(plan: Plan, rule: str, wc: dict[str, str] | Any) -> Command:
         return Eval(
             model=model,
             out=path(rule, **wc),
-            tasks_file=payload_path(PAYLOAD_EVAL_TASKS),
+            tasks_file=payload_path(plan.tasks_payload(wc)),
             seed=cfg["seed"],
             batch_size=e["batch_size"],
             dtype=e["dtype"],

@@ -10,8 +10,11 @@ every cell's recipe renders. All errors are :class:`ConfigError` naming the conf
 from __future__ import annotations
 
 import copy
+import fnmatch
+import itertools
 import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,78 @@ _INDEXED = re.compile(r"^(model|adapter)_(\d+)$")
 # Range checks for mergekit parameters that have one (mergekit docs / papers).
 class ConfigError(MergebakeError):
     """The config is invalid; the message names the key and says what to do."""
+
+
+class ConfigWarning(UserWarning):
+    """Something in the config is likely a mistake but not an error (e.g. an exclusion
+    pattern that matches no cell)."""
+
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class MethodPoint:
+    """One point of a method's sweep: the name cells use, the configured method, and the
+    swept parameter values.
+
+    ``name`` is what the ``{method}`` wildcard, output paths, the report and Hub paths
+    carry: the method's own name when it has no ``sweep:``, else
+    ``<method>.<param>-<value>[.<param>-<value>...]`` (e.g. ``ties.density-0.3``; a
+    per-adapter value reads ``weight-eng0.3-nob0.7``). ``sweep`` is ``((param, value),
+    ...)`` in the order of ``methods.<method>.sweep`` (empty when not swept).
+    """
+
+    name: str
+    method: str
+    sweep: tuple[tuple[str, Any], ...] = ()
+
+    def parameters(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """``methods.<method>.parameters`` with this point's swept values in place."""
+        return {**config["methods"][self.method].get("parameters", {}), **dict(self.sweep)}
+
+
+def _value_label(value: Any) -> str:
+    """A sweep value as it appears in a cell name (``0.3``, ``1e-05``, ``true``,
+    ``eng0.3-nob0.7`` for ``{eng: 0.3, nob: 0.7}``)."""
+    if isinstance(value, Mapping):
+        return "-".join(f"{a}{_value_label(v)}" for a, v in value.items())
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def method_points(config: Mapping[str, Any], mname: str) -> list[MethodPoint]:
+    """The sweep points of method ``mname``: the product of its ``sweep:`` lists, the first
+    parameter varying slowest; ``[MethodPoint(mname, mname)]`` without a sweep. Assumes a
+    schema-valid config (names are checked by :func:`load_config`)."""
+    sweep = config["methods"][mname].get("sweep") or {}
+    if not sweep:
+        return [MethodPoint(mname, mname)]
+    points = []
+    for values in itertools.product(*sweep.values()):
+        pairs = tuple(zip(sweep, values, strict=True))
+        label = ".".join(f"{p}-{_value_label(v)}" for p, v in pairs)
+        points.append(MethodPoint(f"{mname}.{label}", mname, pairs))
+    return points
+
+
+def all_method_points(config: Mapping[str, Any]) -> dict[str, MethodPoint]:
+    """Every cell method name of the config -> its :class:`MethodPoint`, in config order."""
+    return {p.name: p for m in config["methods"] for p in method_points(config, m)}
+
+
+def block_tasks(config: Mapping[str, Any], block: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The eval tasks of a grid block's cells: ``eval.tasks``, replaced by the block's
+    ``eval.tasks`` or extended by its ``eval.add`` (``[{"name", "num_fewshot"}]``)."""
+    own = block.get("eval") or {}
+    if "tasks" in own:
+        return list(own["tasks"])
+    return [*config["eval"]["tasks"], *own.get("add", [])]
 
 
 @dataclass(frozen=True, order=True)
@@ -160,17 +235,38 @@ def _no_double_underscore(name: str, key: str, source: str) -> None:
         )
 
 
+def _block_cells(block: Mapping[str, Any], config: Mapping[str, Any]) -> Iterable[Cell]:
+    """Every cell a block spans before its exclusions (methods expanded to sweep points)."""
+    for size in block["sizes"]:
+        for variant in block["variants"]:
+            for group in block["groups"]:
+                for method in block["methods"]:
+                    for point in method_points(config, method):
+                        yield Cell(size, variant, group, point.name)
+
+
+def excluded(cell: Cell, patterns: Iterable[str]) -> bool:
+    """Whether ``cell`` matches one of a block's ``exclude:`` patterns (:func:`fnmatch.
+    fnmatchcase` over ``<size>-<variant>/<group>__<method>``, the method a sweep point's
+    name, e.g. ``27b-open/*`` or ``*/eng-nob__ties.density-0.7``)."""
+    return any(fnmatch.fnmatchcase(cell.path_in_repo, p) for p in patterns)
+
+
+def grid_cells(config: Mapping[str, Any]) -> list[tuple[Cell, int]]:
+    """``(cell, block index)`` of every cell of the grid in config order (block by block,
+    sizes × variants × groups × methods × sweep points), exclusions left out. Assumes a
+    validated config."""
+    out: list[tuple[Cell, int]] = []
+    for i, block in enumerate(config["grid"]):
+        patterns = block.get("exclude") or []
+        out += [(c, i) for c in _block_cells(block, config) if not excluded(c, patterns)]
+    return out
+
+
 def expand_grid(config: Mapping[str, Any]) -> list[Cell]:
     """All cells of the grid in config order (block by block, sizes × variants × groups ×
-    methods). Assumes a validated config."""
-    cells: list[Cell] = []
-    for block in config["grid"]:
-        for size in block["sizes"]:
-            for variant in block["variants"]:
-                for group in block["groups"]:
-                    for method in block["methods"]:
-                        cells.append(Cell(size, variant, group, method))
-    return cells
+    methods × sweep points, exclusions left out). Assumes a validated config."""
+    return [c for c, _ in grid_cells(config)]
 
 
 def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
@@ -180,6 +276,7 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
     for base in config["bases"]:
         for ad in config.get("adapters", {}).get(base, {}):
             _no_double_underscore(ad, f"adapters.{base}.{ad}", source)
+    _check_sweeps(config, source, recipes_dir)
     seen: dict[Cell, int] = {}
     for i, block in enumerate(config["grid"]):
         for kind in ("groups", "methods"):
@@ -190,39 +287,50 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
                         f"{source}: key 'grid[{i}].{kind}': unknown {kind[:-1]} "
                         f"{name!r}; define it under '{kind}' (known: {known})"
                     )
-        for size in block["sizes"]:
-            for variant in block["variants"]:
-                base = f"{size}-{variant}"
-                if base not in config["bases"]:
+        patterns = block.get("exclude") or []
+        matched: set[str] = set()
+        for cell in _block_cells(block, config):
+            hits = {p for p in patterns if fnmatch.fnmatchcase(cell.path_in_repo, p)}
+            if hits:
+                matched |= hits
+                continue
+            base = cell.base
+            if base not in config["bases"]:
+                raise ConfigError(
+                    f"{source}: key 'grid[{i}]': base {base!r} (size {cell.size!r} × variant "
+                    f"{cell.variant!r}) is not in 'bases'; add bases.{base}, drop it from "
+                    f"the block, or leave it out with grid[{i}].exclude: ['{base}/*']"
+                )
+            for ad in config["groups"][cell.group]:
+                if ad not in config.get("adapters", {}).get(base, {}):
                     raise ConfigError(
-                        f"{source}: key 'grid[{i}]': base {base!r} (size {size!r} × variant "
-                        f"{variant!r}) is not in 'bases'; add bases.{base} or drop it from "
-                        "the block"
+                        f"{source}: key 'groups.{cell.group}': adapter {ad!r} is not "
+                        f"configured for base {base!r}; add adapters.{base}.{ad}"
                     )
-                for group in block["groups"]:
-                    for ad in config["groups"][group]:
-                        if ad not in config.get("adapters", {}).get(base, {}):
-                            raise ConfigError(
-                                f"{source}: key 'groups.{group}': adapter {ad!r} is not "
-                                f"configured for base {base!r}; add adapters.{base}.{ad}"
-                            )
-                    for method in block["methods"]:
-                        cell = Cell(size, variant, group, method)
-                        if cell in seen:
-                            raise ConfigError(
-                                f"{source}: key 'grid[{i}]': cell {cell.path_in_repo} is "
-                                f"already in grid[{seen[cell]}]; each cell may appear once"
-                            )
-                        seen[cell] = i
+            if cell in seen:
+                raise ConfigError(
+                    f"{source}: key 'grid[{i}]': cell {cell.path_in_repo} is "
+                    f"already in grid[{seen[cell]}]; each cell may appear once"
+                )
+            seen[cell] = i
+        for j, p in enumerate(patterns):
+            if p not in matched:
+                warnings.warn(
+                    f"{source}: key 'grid[{i}].exclude[{j}]': pattern {p!r} matches no cell "
+                    "of the block (patterns match <size>-<variant>/<group>__<method>)",
+                    ConfigWarning,
+                    stacklevel=2,
+                )
     for base in config.get("adapters", {}):
         if base not in config["bases"]:
             raise ConfigError(
                 f"{source}: key 'adapters.{base}': no base {base!r} in 'bases'; "
                 "add it there or remove these adapters"
             )
+    points = all_method_points(config)
     groups_of: dict[str, set[str]] = {}
     for cell in seen:
-        groups_of.setdefault(cell.method, set()).add(cell.group)
+        groups_of.setdefault(points[cell.method].method, set()).add(cell.group)
     for mname, method in config["methods"].items():
         recipe = recipe_path(method, mname, recipes_dir)
         if not recipe.is_file():
@@ -230,21 +338,29 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
                 f"{source}: key 'methods.{mname}.recipe': no recipe file {recipe}; "
                 f"available: {sorted(p.stem for p in recipes_dir.glob('*.yaml'))}"
             )
-        _check_parameters(mname, method, groups_of.get(mname, set()), config, source, recipe)
-        for group in sorted(groups_of.get(mname, ())):
-            adapters = config["groups"][group]
+        for point in method_points(config, mname):
+            where = f" (sweep point {point.name!r})" if point.sweep else ""
+            merged = dict(method, parameters=point.parameters(config))
             try:
-                render_recipe(
-                    recipe,
-                    base_model="/base",
-                    models={a: f"/{a}" for a in adapters},
-                    parameters=method.get("parameters", {}),
-                    dtype="bfloat16",
+                _check_parameters(
+                    mname, merged, groups_of.get(mname, set()), config, source, recipe
                 )
             except ConfigError as e:
-                raise ConfigError(
-                    f"{source}: key 'methods.{mname}' with group {group!r}: {e}"
-                ) from None
+                raise ConfigError(f"{e}{where}") from None
+            for group in sorted(groups_of.get(mname, ())):
+                adapters = config["groups"][group]
+                try:
+                    render_recipe(
+                        recipe,
+                        base_model="/base",
+                        models={a: f"/{a}" for a in adapters},
+                        parameters=merged["parameters"],
+                        dtype="bfloat16",
+                    )
+                except ConfigError as e:
+                    raise ConfigError(
+                        f"{source}: key 'methods.{mname}' with group {group!r}{where}: {e}"
+                    ) from None
     baseline = config["report"]["baseline"]
     if baseline != "base":
         every = {a for ads in config.get("adapters", {}).values() for a in ads}
@@ -257,7 +373,77 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ConfigError(f"{source}: key 'eval.tasks': task(s) {sorted(dup)} listed twice")
+    _check_block_tasks(config, source)
     check_oracle_config(config, source)
+
+
+def _check_sweeps(config: dict, source: str, recipes_dir: Path) -> None:
+    """Each sweep value in range (:func:`mergebake.methods.check_parameters`), each point's
+    name path-safe, and no two points of a method named alike."""
+    for mname, method in config["methods"].items():
+        sweep = method.get("sweep") or {}
+        spec = methods.get(recipe_method(recipe_path(method, mname, recipes_dir)) or "")
+        for pname, values in sweep.items():
+            for j, v in enumerate(values):
+                key = f"methods.{mname}.sweep.{pname}[{j}]"
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{source}: key {key!r}: {v} is not a finite number")
+                if spec is not None:
+                    try:
+                        methods.check_parameters(spec, {pname: v}, f"methods.{mname}.sweep")
+                    except MergebakeError as e:
+                        msg = str(e).replace(f"sweep.{pname}", f"sweep.{pname}[{j}]", 1)
+                        raise ConfigError(f"{source}: {msg}") from None
+        names: dict[str, tuple] = {}
+        for point in method_points(config, mname):
+            if not _NAME.match(point.name) or "__" in point.name:
+                raise ConfigError(
+                    f"{source}: key 'methods.{mname}.sweep': the point {dict(point.sweep)} "
+                    f"would be named {point.name!r}, which is not path-safe (names match "
+                    "[a-z0-9][a-z0-9._-]* without '__'); use plain numbers or lower-case "
+                    "strings as sweep values"
+                )
+            if point.name in names:
+                raise ConfigError(
+                    f"{source}: key 'methods.{mname}.sweep': the points "
+                    f"{dict(names[point.name])} and {dict(point.sweep)} would both be named "
+                    f"{point.name!r}; give each value once"
+                )
+            names[point.name] = point.sweep
+        clash = set(names) & (set(config["methods"]) - {mname})
+        if clash:
+            raise ConfigError(
+                f"{source}: key 'methods.{mname}.sweep': point name(s) {sorted(clash)} "
+                "are also method names; rename the method"
+            )
+
+
+def _check_block_tasks(config: dict, source: str) -> None:
+    """A block's own tasks are not listed twice, and a task has one few-shot everywhere
+    (a base's baselines are scored once on the union of its cells' tasks)."""
+    fewshot = {t["name"]: ("eval.tasks", t["num_fewshot"]) for t in config["eval"]["tasks"]}
+    for i, block in enumerate(config["grid"]):
+        own = block.get("eval") or {}
+        for kind in ("tasks", "add"):
+            key = f"grid[{i}].eval.{kind}"
+            tasks = own.get(kind, [])
+            names = [t["name"] for t in tasks]
+            dup = {n for n in names if names.count(n) > 1}
+            if kind == "add":
+                dup |= {n for n in names if n in {t["name"] for t in config["eval"]["tasks"]}}
+            if dup:
+                raise ConfigError(
+                    f"{source}: key {key!r}: task(s) {sorted(dup)} listed twice (or already "
+                    "in eval.tasks); list each task once"
+                )
+            for t in tasks:
+                first = fewshot.setdefault(t["name"], (key, t["num_fewshot"]))
+                if first[1] != t["num_fewshot"]:
+                    raise ConfigError(
+                        f"{source}: key {key!r}: task {t['name']!r} has num_fewshot "
+                        f"{t['num_fewshot']} but {first[1]} in {first[0]}; a base's baselines "
+                        "are scored once on every task its cells use, so give it one few-shot"
+                    )
 
 
 def check_oracle_config(config: Mapping[str, Any], source: str = "config") -> None:
@@ -341,9 +527,10 @@ def recipe_path(
 
 
 def cell_parameters(config: Mapping[str, Any], cell: Cell) -> dict[str, Any]:
-    """The method parameters of ``cell``, per-adapter mappings restricted to its group."""
+    """The method parameters of ``cell`` (its sweep point's values in place), per-adapter
+    mappings restricted to its group."""
     adapters = config["groups"][cell.group]
-    params = config["methods"][cell.method].get("parameters", {})
+    params = all_method_points(config)[cell.method].parameters(config)
     out: dict[str, Any] = {}
     for k, v in params.items():
         out[k] = {a: v[a] for a in adapters if a in v} if isinstance(v, dict) else v

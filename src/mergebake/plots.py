@@ -3,9 +3,10 @@ with interval bars. Matplotlib (object API, no pyplot state), PNG at 100 dpi, si
 labels never overlap at the default size; written without the ``Software`` metadata entry,
 so equal inputs give equal bytes.
 
-Sweep and checkpoint curves (a method parameter's values, an adapter's training steps, with
-the selected point marked) belong here too once the grid has those axes: add a
-``plot_sweep(points, path)`` beside these, fed from the report's rows.
+Sweep curves (:func:`plot_sweep`: a method parameter's values against mean Δ, one line per
+base, group and method) are drawn when the grid has a sweep. Checkpoint curves (an
+adapter's training steps, with the selected point marked) are still to come: the same
+function with ``marked`` points.
 """
 
 from __future__ import annotations
@@ -168,5 +169,37 @@ def plot_ranking(sizes: dict[str, list[dict[str, Any]]], path: Path, *, title: s
         ax.set_title(title, fontsize=10)
         left, right = ax.get_xlim()
         ax.set_xlim(left, right + 0.35 * (right - left))  # room for the value labels
+        fig.tight_layout()
+        _save_png(fig, path)
+
+
+def plot_sweep(curves: list[dict[str, Any]], path: Path, *, title: str) -> None:
+    """One panel per swept parameter: each curve's y against the parameter's values.
+
+    ``curves``: ``[{"label", "parameter", "x": [float], "y": [float], "marked": [bool]?}]``
+    (x ascending; y in metric units, NaN where not scored; a marked point, e.g. a selected
+    checkpoint, is drawn as a ring). Panels in order of first appearance.
+    """
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    params = list(dict.fromkeys(c["parameter"] for c in curves))
+    with matplotlib.rc_context({"font.size": 9}):
+        fig = Figure(figsize=(6.0, 1.2 + 3.0 * max(1, len(params))))
+        if not params:
+            fig.text(0.5, 0.5, f"{title}: no sweep in the grid", ha="center", va="center")
+        for k, param in enumerate(params):
+            ax = fig.add_subplot(len(params), 1, k + 1)
+            for c in (c for c in curves if c["parameter"] == param):
+                ax.plot(c["x"], c["y"], "o-", label=c["label"], markersize=4)
+                for x, y, m in zip(c["x"], c["y"], c.get("marked") or [], strict=False):
+                    if m and not _nan(y):
+                        ax.plot([x], [y], "o", mfc="none", mec="black", markersize=11)
+            ax.axhline(0.0, color="#888888", linewidth=0.8)
+            ax.set_xlabel(param)
+            ax.set_ylabel("mean Δ")
+            ax.legend(fontsize=7, loc="best")
+            if k == 0:
+                ax.set_title(title)
         fig.tight_layout()
         _save_png(fig, path)

@@ -44,6 +44,8 @@ MD_NAME = "merge_eval_report.md"
 HTML_NAME = "merge_eval_report.html"
 SCORES_PNG = "merge_eval_scores.png"
 RANKING_PNG = "method_ranking.png"
+#: Written only for a grid with a sweep (:func:`mergebake.plots.plot_sweep`).
+SWEEP_PNG = "sweep_curves.png"
 PENDING_EVAL = "pending eval"
 PENDING_BASELINE = "pending baseline"
 INCOMPLETE = "incomplete"
@@ -773,6 +775,14 @@ def build_report(
         fh.write(csv_df.to_csv(index=False, lineterminator="\n").encode("utf-8"))
     opts = {"min_gain": min_gain, "resamples": resamples, "seed": seed, "oracle": oracle}
     md = _markdown(df, names, delta_cols, ranking, oracles, baseline, opts)
+    pngs = [SCORES_PNG, RANKING_PNG]
+    curves = _sweep_curves(df, rows)
+    if curves:  # only for a grid with a sweep: other grids' outputs stay as they were
+        plots.plot_sweep(
+            curves, out_dir / SWEEP_PNG, title="Sweeps: mean Δ against the swept value"
+        )
+        pngs.append(SWEEP_PNG)
+        md += f"\n## Sweeps\n\n![mean Δ against each swept value]({SWEEP_PNG})\n"
     with atomic_file(out_dir / MD_NAME, "wb") as fh:
         fh.write(md.encode("utf-8"))
     _plot_heatmap(df, names, delta_cols, baseline, out_dir / SCORES_PNG)
@@ -788,7 +798,7 @@ def build_report(
         out_dir / RANKING_PNG,
         title="Merge methods: mean Δ per size, 95% paired-bootstrap intervals",
     )  # fmt: skip
-    images = {n: (out_dir / n).read_bytes() for n in (SCORES_PNG, RANKING_PNG)}
+    images = {n: (out_dir / n).read_bytes() for n in pngs}
     with atomic_file(out_dir / HTML_NAME, "wb") as fh:
         fh.write(_html(md, images).encode("utf-8"))
 
@@ -803,6 +813,34 @@ def build_report(
         ],
     }
     return result
+
+
+def _sweep_curves(df, rows: list[dict]) -> list[dict]:
+    """Curves for :func:`mergebake.plots.plot_sweep`: per base, group, method and swept
+    parameter (a row's ``sweep``: ``{"method", "parameters"}``) with one scalar number
+    varying, mean Δ against the value, the other swept values fixed."""
+    lines: dict[tuple, list[tuple[float, float]]] = {}
+    for _, r in df.iterrows():
+        sweep = rows[int(r["_row"])].get("sweep")
+        if not sweep:
+            continue
+        params = sweep["parameters"]
+        for p, v in params.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            rest = tuple(sorted((k, str(x)) for k, x in params.items() if k != p))
+            key = (p, r["_base"], r["_group"], sweep["method"], rest)
+            lines.setdefault(key, []).append((float(v), float(r[MEAN_DELTA])))
+    curves = []
+    for (p, base, group, method, rest), pts in lines.items():
+        if len(pts) < 2:
+            continue
+        pts.sort()
+        label = f"{base} {group}__{method}" + "".join(f" {k}={x}" for k, x in rest)
+        curves.append(
+            {"label": label, "parameter": p, "x": [x for x, _ in pts], "y": [y for _, y in pts]}
+        )
+    return curves
 
 
 def _plot_heatmap(df, names, delta_cols, baseline: str, path: Path) -> None:

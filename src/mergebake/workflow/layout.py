@@ -56,8 +56,15 @@ PAYLOAD_HUB_ROWS = "hub_readme_rows"
 PAYLOAD_HUB_META = "hub_meta"
 PAYLOAD_EVAL_TASKS = "eval_tasks"
 PAYLOAD_CARD = "cards/{base}/{group}__{method}"
+#: The tasks of a cell whose block has its own suite (``grid[].eval``), and of a base's
+#: baselines when its cells' tasks differ from ``eval.tasks`` (their union).
+PAYLOAD_CELL_TASKS = "eval_tasks/{base}/{group}__{method}"
+PAYLOAD_BASE_TASKS = "eval_tasks/{base}"
 #: Wildcard constraint of ``{payload}``: the names above (a card per cell).
-PAYLOAD_PATTERN = "report_rows|hub_readme_rows|hub_meta|eval_tasks|cards/[^/]+/[^/]+__[^/]+"
+PAYLOAD_PATTERN = (
+    "report_rows|hub_readme_rows|hub_meta|eval_tasks|cards/[^/]+/[^/]+__[^/]+"
+    "|eval_tasks/[^/]+|eval_tasks/[^/]+/[^/]+__[^/]+"
+)
 
 
 def path(kind: str, **wildcards: str) -> str:

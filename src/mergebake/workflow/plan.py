@@ -19,11 +19,22 @@ from pathlib import Path
 from typing import Any
 
 from .. import resources
-from ..config import BASE_ROW, ROOT, Cell, cell_parameters, expand_grid, recipe_path
+from ..config import (
+    BASE_ROW,
+    ROOT,
+    Cell,
+    all_method_points,
+    block_tasks,
+    cell_parameters,
+    grid_cells,
+    recipe_path,
+)
 from ..fetch import is_commit_sha, pin_name
 from .layout import (
     LAYOUT,
+    PAYLOAD_BASE_TASKS,
     PAYLOAD_CARD,
+    PAYLOAD_CELL_TASKS,
     PAYLOAD_EVAL_TASKS,
     PAYLOAD_HUB_META,
     PAYLOAD_HUB_ROWS,
@@ -83,7 +94,12 @@ class Plan:
     def __init__(self, config: Mapping[str, Any], workflow_dir: str | os.PathLike | None = None):
         self.config = config
         self.workflow_dir = Path(workflow_dir) if workflow_dir else ROOT
-        self.cells: list[Cell] = expand_grid(config)
+        placed = grid_cells(config)
+        self.cells: list[Cell] = [c for c, _ in placed]
+        #: The grid block (index into ``grid``) of each cell.
+        self.block_of: dict[Cell, int] = dict(placed)
+        #: Cell method name (a sweep point's name) -> its method and swept values.
+        self.points = all_method_points(config)
         self._cell = {(c.base, c.group, c.method): c for c in self.cells}
         self.size_of: dict[str, str] = {}
         adapters: dict[str, set[str]] = {}
@@ -112,6 +128,10 @@ class Plan:
         if key not in self._cell:
             raise KeyError(f"no cell {wc['base']}/{wc['group']}__{wc['method']} in the grid")
         return self._cell[key]
+
+    def method_names(self) -> list[str]:
+        """Every name the ``{method}`` wildcard may take: methods, sweep points by name."""
+        return list(self.points)
 
     def bases_from(self, kind: str) -> list[str]:
         """Bases whose source is of ``kind`` (``hub``, ``path``, ``demo``)."""
@@ -200,10 +220,10 @@ class Plan:
         ]
 
     def recipe(self, method: str) -> str:
-        """The recipe template of ``method`` (absolute: ``<workflow>/recipes/<recipe>.yaml``)."""
-        return str(
-            recipe_path(self.config["methods"][method], method, self.workflow_dir / "recipes")
-        )
+        """The recipe template of ``method`` (a method or sweep point name; absolute:
+        ``<workflow>/recipes/<recipe>.yaml``)."""
+        m = self.points[method].method
+        return str(recipe_path(self.config["methods"][m], m, self.workflow_dir / "recipes"))
 
     def cell_parameters(self, wc: Wildcards) -> dict[str, Any]:
         """The cell's method parameters (per-adapter mappings restricted to its group)."""
@@ -219,8 +239,32 @@ class Plan:
         return LAYOUT["demo_tasks"] if e["demo_tasks"] else None
 
     def eval_tasks(self, wc: Wildcards | None = None) -> list[dict[str, Any]]:
-        """The tasks an eval runs (``[{"name", "num_fewshot"}]``); every eval runs all."""
-        return list(self.config["eval"]["tasks"])
+        """The tasks an eval runs (``[{"name", "num_fewshot"}]``): a cell's are its block's
+        (``eval.tasks``, extended or replaced by ``grid[].eval``); a baseline's (wildcard
+        ``row``) the union of its base's cells' tasks, in order of first use; without
+        wildcards ``eval.tasks``."""
+        if wc is None or "base" not in wc:
+            return list(self.config["eval"]["tasks"])
+        if "row" in wc:
+            out: dict[str, dict[str, Any]] = {}
+            for c in self.cells_of[wc["base"]]:
+                for t in self._cell_tasks(c):
+                    out.setdefault(t["name"], t)
+            return list(out.values())
+        return self._cell_tasks(self.cell(wc))
+
+    def _cell_tasks(self, cell: Cell) -> list[dict[str, Any]]:
+        return block_tasks(self.config, self.config["grid"][self.block_of[cell]])
+
+    def tasks_payload(self, wc: Wildcards) -> str:
+        """Name of the payload holding the eval's tasks: ``eval_tasks`` when they are
+        ``eval.tasks``, else the cell's or the base's own (:data:`PAYLOAD_CELL_TASKS`,
+        :data:`PAYLOAD_BASE_TASKS`)."""
+        if self.eval_tasks(wc) == self.eval_tasks():
+            return PAYLOAD_EVAL_TASKS
+        if "row" in wc:
+            return PAYLOAD_BASE_TASKS.format(base=wc["base"])
+        return PAYLOAD_CELL_TASKS.format(**{k: wc[k] for k in ("base", "group", "method")})
 
     @cached_property
     def task_index(self):
@@ -231,7 +275,7 @@ class Plan:
     def task_inputs(self, wc: Wildcards | None = None) -> list[str]:
         """Files an eval reads besides its model: the task payload, the generated demo
         tasks, and every file of ``eval.include_path`` that its tasks read."""
-        files = [payload_path(PAYLOAD_EVAL_TASKS)]
+        files = [payload_path(self.tasks_payload(wc) if wc else PAYLOAD_EVAL_TASKS)]
         if self.config["eval"]["demo_tasks"]:
             files.append(LAYOUT["demo_tasks"])
         names = [t["name"] for t in self.eval_tasks(wc)]
@@ -254,6 +298,7 @@ class Plan:
                 method=c.method,
                 adapters=list(self.config["groups"][c.group]),  # the oracle candidates
                 eval=path("eval_cell", base=c.base, group=c.group, method=c.method),
+                **self._sweep_of(c),
             )
             for c in self.cells
         ]
@@ -274,6 +319,13 @@ class Plan:
                         )
                     )
         return sorted(rows, key=lambda r: (r["base"], r["kind"], r["name"]))
+
+    def _sweep_of(self, c: Cell) -> dict[str, Any]:
+        """``{"sweep": {"method", "parameters"}}`` for a sweep point's cell, else ``{}``."""
+        point = self.points[c.method]
+        if not point.sweep:
+            return {}
+        return dict(sweep=dict(method=point.method, parameters=dict(point.sweep)))
 
     def baseline_rows_of(self, base: str) -> list[str]:
         """The baseline rows of one base: ``_base`` and each of its adapters."""
@@ -393,9 +445,14 @@ class Plan:
     def payload_names(self) -> list[str]:
         """Every payload file the grid needs (see :data:`LAYOUT` ``payload``)."""
         names = [PAYLOAD_REPORT_ROWS, PAYLOAD_HUB_ROWS, PAYLOAD_HUB_META, PAYLOAD_EVAL_TASKS]
-        return names + [
+        names += [
             PAYLOAD_CARD.format(base=c.base, group=c.group, method=c.method) for c in self.cells
         ]
+        wcs = [dict(base=c.base, group=c.group, method=c.method) for c in self.cells]
+        if self.config["eval"]["baselines"]:
+            wcs += [dict(base=b, row=BASE_ROW) for b in self.bases]
+        own = {self.tasks_payload(wc) for wc in wcs} - {PAYLOAD_EVAL_TASKS}
+        return names + sorted(own)
 
     def payload(self, name: str) -> str:
         """The content (canonical JSON) of payload ``name``; KeyError for an unknown name."""
@@ -412,6 +469,9 @@ class Plan:
         group, sep, method = cell.partition("__")
         if kind == "cards" and sep:
             return dumps(self.card_spec(dict(base=base, group=group, method=method)))
+        if kind == PAYLOAD_EVAL_TASKS and base in self.cells_of:
+            wc = dict(base=base, group=group, method=method) if sep else dict(base=base, row="")
+            return dumps(self.eval_tasks(wc))
         raise KeyError(f"no payload {name!r}")
 
     def card_payload(self, wc: Wildcards) -> str:
@@ -483,8 +543,10 @@ class Plan:
     def size_factor(self, rule: str, wc: Wildcards, size: resources.Size | None) -> float:
         """Merge method (TIES costs more than linear) or eval dtype wider than stored."""
         if rule == "merge":
-            method = self.config["methods"].get(wc["method"], {})
-            return resources.method_factor(method.get("recipe") or wc["method"])
+            point = self.points.get(wc["method"])
+            name = point.method if point else wc["method"]
+            method = self.config["methods"].get(name, {})
+            return resources.method_factor(method.get("recipe") or name)
         if rule in ("eval_cell", "eval_baseline") and size is not None:
             return resources.dtype_factor(self.config["eval"]["dtype"], size)
         return 1.0
