@@ -19,7 +19,7 @@ from mergebake.config import (
 )
 from mergebake.methods import METHODS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = yaml.safe_load((ROOT / "config.yaml").read_text())
 
 

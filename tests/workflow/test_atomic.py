@@ -99,7 +99,7 @@ def test_kill_mid_write_then_rerun_is_byte_identical(inputs, tmp_path, step):
                 "--out",
                 str(out),
             ]
-        root = Path(__file__).resolve().parents[1]
+        root = Path(__file__).resolve().parents[2]
         return [
             str(BIN / "mergebake"),
             "merge",

@@ -23,7 +23,7 @@ from mergebake.outputs import sha256_file
 
 gguf = pytest.importorskip("gguf")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The converter is fetched once (pip download of the pinned sdist) into the repository's
 # ignored resources/ folder and reused by later runs.
 TOOLS = REPO / "resources" / "tools"

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from mergebake.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
