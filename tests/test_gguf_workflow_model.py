@@ -266,3 +266,19 @@ def test_preflight_refuses_a_family_llama_cpp_cannot_convert(tmp_path, monkeypat
     assert check_gguf_support(cfg, workdir=tmp_path, tools=cache)[0] == problems
     # nothing exported: nothing asked, even uncached
     assert check_gguf_support(load_config(_config()), workdir=tmp_path / "x") == ([], [])
+
+
+def test_dry_run_plans_exactly_these_exports(tmp_path):
+    from _workflow import planned_jobs, write_config
+
+    c = _config(gguf=["bf16", "q8_0"])
+    c["grid"][1]["export"] = {"gguf": ["q6_k"]}
+    write_config(tmp_path / "config.yaml", c)
+    jobs = planned_jobs(tmp_path)
+    assert {j for j in jobs if j[0] in ("gguf_tools", "export_gguf")} == {
+        ("gguf_tools", "resources/tools/llama.cpp-0.3.36/tools.json"),
+        ("export_gguf", "results/gguf/1b-std/eng-nob__ties.bf16.gguf"),
+        ("export_gguf", "results/gguf/1b-std/eng-nob__ties.q8_0.gguf"),
+        ("export_gguf", "results/gguf/4b-std/eng-nob__linear.q6_k.gguf"),
+    }
+    assert not (tmp_path / "resources").exists()  # a dry run asks llama.cpp nothing
