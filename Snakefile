@@ -21,6 +21,7 @@ include: "rules/merge.smk"
 include: "rules/eval.smk"
 include: "rules/report.smk"
 include: "rules/upload.smk"
+include: "rules/export.smk"
 include: "rules/payload.smk"
 
 

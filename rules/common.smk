@@ -49,6 +49,8 @@ HUB_ADAPTERS = _alternation(PLAN.adapters_from("hub"))
 BASELINE_ROWS = _alternation(PLAN.baseline_rows())
 PIN_NAMES = _alternation(PLAN.pins)
 PAYLOADS = PAYLOAD_PATTERN
+GGUF_TYPE_NAMES = _alternation(t for types in PLAN.gguf.values() for t in types)
+GGUF_TOOLS = PLAN.gguf_tools()
 
 
 def run_preflight():
@@ -56,7 +58,10 @@ def run_preflight():
     from mergebake.preflight import preflight
 
     keep_going = workflow.execution_settings.keep_going
-    for note in preflight(config, workdir=Path.cwd(), keep_going=keep_going):
+    notes = preflight(
+        config, workdir=Path.cwd(), keep_going=keep_going, check_gguf=True
+    )
+    for note in notes:
         logger.warning(note)
 
 
@@ -154,6 +159,11 @@ def get_hub_sources(wildcards):
 def get_card_payload(wildcards):
     """The payload file holding the cell's model card spec."""
     return PLAN.card_payload(_wc(wildcards))
+
+
+def get_gguf_files(wildcards):
+    """The cell's GGUF files (export.gguf), published with it; [] when none."""
+    return PLAN.gguf_files(_wc(wildcards))
 
 
 def get_hub_receipts(wildcards):

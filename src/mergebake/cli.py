@@ -209,6 +209,18 @@ def cmd_hub_readme(a: argparse.Namespace) -> None:
     cli_hub_readme(a)
 
 
+def cmd_export(a: argparse.Namespace) -> None:
+    from .export import cli_export
+
+    cli_export(a)
+
+
+def cmd_gguf_tools(a: argparse.Namespace) -> None:
+    from .export import cli_gguf_tools
+
+    cli_gguf_tools(a)
+
+
 DEVICE_HELP = (
     "auto (CUDA when usable, else CPU with a warning), cpu, or cuda[:N] "
     "(an error when CUDA cannot be used)"
@@ -217,6 +229,7 @@ DEVICE_HELP = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``mergebake`` with one subparser per stage."""
+    from . import export as export_cli
     from . import fetch as fetch_cli
     from . import upload as upload_cli
 
@@ -357,6 +370,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("hub-readme", cmd_hub_readme, "publish the results repo's README (grid table)")
     upload_cli.add_hub_readme_arguments(sp)
+
+    sp = add(
+        "export",
+        cmd_export,
+        "export a cell to GGUF with llama.cpp's converter/quantiser, checked by llama.cpp",
+    )
+    export_cli.add_export_arguments(sp)
+
+    sp = add(
+        "gguf-tools",
+        cmd_gguf_tools,
+        "fetch llama.cpp's converter (pinned llama-cpp-python sdist) into resources/tools",
+    )
+    export_cli.add_gguf_tools_arguments(sp)
     return p
 
 

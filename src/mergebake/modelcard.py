@@ -280,6 +280,74 @@ def _commit_cell(commit: str | None) -> str:
     return f"`{commit[:12]}`" if commit else "–"
 
 
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def _gguf_section(spec: dict[str, Any]) -> list[str]:
+    """The card's GGUF section: each file (name, type, size, llama.cpp's check) and how to
+    run it with llama.cpp; [] when the cell has no GGUF files (spec without ``gguf``)."""
+    gguf = spec.get("gguf") or {}
+    files = [f for f in gguf.get("files") or [] if "bytes" in f]
+    if not files:
+        return []
+    repo = gguf.get("repo") or spec["repo"]
+    where = "this folder" if not gguf.get("repo") else f"[{repo}]({hub_url(repo)})"
+    lines = [
+        "",
+        "## GGUF (llama.cpp)",
+        "",
+        f"GGUF files of this cell, in {where}: made by llama.cpp's own converter "
+        "(`convert_hf_to_gguf.py`) and quantiser at the llama.cpp commit of "
+        f"{files[0]['checked_by'].removeprefix('llama.cpp (').rstrip(')')}, and checked by "
+        "llama.cpp: metadata types, tensors, and next-token logits on fixed prompts against "
+        "this checkpoint in transformers.",
+        "",
+    ]
+    rows = []
+    for f in files:
+        check = f.get("check") or {}
+        agree = f"{check.get('top1_agree')}/{check.get('prompts')}" if check else "–"
+        diffs = check.get("max_abs_diff") or []
+        rows.append(
+            [
+                f"`{Path(f['path_in_repo']).name}`",
+                f["type"],
+                _size(f["bytes"]),
+                agree,
+                f"{max(diffs):.3g}" if diffs else "–",
+            ]
+        )
+    lines += md_table(
+        ["file", "type", "size", "same top-1 as transformers", "max abs Δlogit"],
+        rows,
+        ["l", "l", "r", "r", "r"],
+    )
+    first = files[0]["path_in_repo"]
+    lines += [
+        "",
+        "Run with llama.cpp:",
+        "",
+        "```bash",
+        f"hf download {repo} {first} --local-dir .",
+        f'llama-cli -m {first} -p "The capital of Norway is" -n 32',
+        "```",
+        "",
+        "or from Python with llama-cpp-python:",
+        "",
+        "```python",
+        "from llama_cpp import Llama",
+        "",
+        f'llm = Llama.from_pretrained(repo_id="{repo}", filename="{first}")',
+        'print(llm("The capital of Norway is", max_tokens=32)["choices"][0]["text"])',
+        "```",
+    ]
+    return lines
+
+
 def build_cell_card(cell_dir: Path, spec: dict[str, Any], summary: dict[str, Any]):
     """The :class:`~huggingface_hub.ModelCard` of one cell.
 
@@ -400,6 +468,7 @@ def build_cell_card(cell_dir: Path, spec: dict[str, Any], summary: dict[str, Any
             ]
     else:
         lines.append("No scores.")
+    lines += _gguf_section(spec)
     recipe = render_recipe(cell_dir, spec)
     lines += [
         "",

@@ -61,6 +61,94 @@ def check_local_paths(config: Mapping[str, Any]) -> None:
         )
 
 
+def _architectures(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a ``config.json`` that decides llama.cpp's converter class."""
+    out: dict[str, Any] = {"architectures": list(config.get("architectures") or [])}
+    text = config.get("text_config")
+    if isinstance(text, Mapping):
+        out["text_config"] = {"architectures": list(text.get("architectures") or [])}
+    return out
+
+
+def _base_architectures(plan: Any, base: str, workdir: Path) -> dict[str, Any] | None:
+    """Architectures of a base from its ``config.json`` (local, generated or fetched), or
+    from the demo spec; None when a Hub base is not fetched yet."""
+    import json
+
+    from .workflow import DemoSource, PathSource
+
+    src = plan.base_sources[base]
+    folder = Path(src.path) if isinstance(src, PathSource) else workdir / plan.base_dir(base)
+    if (folder / "config.json").is_file():
+        return _architectures(json.loads((folder / "config.json").read_text()))
+    if isinstance(src, DemoSource):
+        from .demo import _model_class
+
+        return {"architectures": [_model_class(src.spec["arch"]).__name__]}
+    return None
+
+
+def gguf_support_cache(tools: Path) -> Path:
+    """The file caching llama.cpp's answers per architecture (beside the converter)."""
+    from .export import tools_folder
+
+    return Path(f"{tools_folder(tools)}.support.json")
+
+
+def check_gguf_support(
+    config: Mapping[str, Any], *, workdir: str | Path = ".", tools: str | Path | None = None
+) -> tuple[list[str], list[str]]:
+    """Whether llama.cpp's converter can convert every base that has GGUF cells.
+
+    Asks :func:`mergebake.export.gguf_support_many` once per distinct architecture (one
+    converter subprocess, ~5 s; the converter is fetched into ``tools`` if absent) and
+    caches the answers per architecture in :func:`gguf_support_cache`, so later runs ask
+    nothing. A base's architecture comes from its ``config.json`` (local, generated or
+    already fetched) or its demo spec; a Hub base not fetched yet cannot be asked and gives
+    a note instead (its export jobs refuse it). Returns ``(problems, notes)``; each problem
+    names ``export.gguf`` and the base. Does nothing when no cell is exported.
+    """
+    import json
+
+    from .export import DEFAULT_TOOLS, gguf_support_many
+    from .workflow import Plan
+
+    plan = Plan(config)
+    if not plan.gguf:
+        return [], []
+    workdir = Path(workdir)
+    tools = Path(tools) if tools is not None else workdir / DEFAULT_TOOLS
+    problems: list[str] = []
+    notes: list[str] = []
+    archs: dict[str, dict[str, Any]] = {}
+    for base in plan.gguf_bases():
+        hp = _base_architectures(plan, base, workdir)
+        if hp is None:
+            notes.append(
+                f"config key 'export.gguf': base {base!r} is not fetched yet, so whether "
+                "llama.cpp can convert it is checked by its export jobs"
+            )
+        else:
+            archs[base] = hp
+    cache_file = gguf_support_cache(tools)
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    keys = {base: json.dumps(hp, sort_keys=True) for base, hp in archs.items()}
+    ask = sorted(set(keys.values()) - set(cache))
+    if ask:
+        answers = gguf_support_many([json.loads(k) for k in ask], tools=tools)
+        cache.update(zip(ask, answers, strict=True))
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    for base, key in sorted(keys.items()):
+        if cache[key] is not None:
+            problems.append(
+                f"config key 'export.gguf': base {base!r} ({key}) cannot be exported to "
+                f"GGUF: {cache[key]}; drop export.gguf for its grid block (export: {{gguf: "
+                "[]}}) or remove it from the grid"
+            )
+    return problems, notes
+
+
 def preflight(
     config: Mapping[str, Any],
     *,
@@ -68,6 +156,7 @@ def preflight(
     check_token: bool = True,
     check_disk: bool = True,
     keep_going: bool = False,
+    check_gguf: bool = False,
 ) -> list[str]:
     """Run the preflight checks on a validated ``config``; return the warnings.
 
@@ -77,7 +166,10 @@ def preflight(
     otherwise it is a warning; ``hub.enabled`` without a token (``HF_TOKEN`` or ``hf auth
     login``); less free disk under ``workdir`` than :func:`disk_needed` estimates. With
     ``keep_going`` (Snakemake's ``--keep-going``) an adapter that does not fit is only a
-    warning: its bake job fails on its own and every other cell is still built.
+    warning: its bake job fails on its own and every other cell is still built. With
+    ``check_gguf`` (the workflow's onstart), a base with ``export.gguf`` cells whose family
+    llama.cpp's converter cannot convert (:func:`check_gguf_support`; ~5 s per new
+    architecture, cached, skipped when nothing is exported).
     """
     from .bake import preflight as bake_preflight
 
@@ -128,6 +220,10 @@ def preflight(
                 f"{probe.resolve()} has {free / 1e9:.1f} GB free; free space, set "
                 "temp_intermediates: true, or build fewer cells"
             )
+    if check_gguf:
+        gguf_problems, gguf_notes = check_gguf_support(config, workdir=workdir)
+        problems += gguf_problems
+        notes += gguf_notes
     if problems:
         raise PreflightError("preflight failed:\n  - " + "\n  - ".join(problems))
     for n in notes:

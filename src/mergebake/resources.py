@@ -149,6 +149,12 @@ MODELS: dict[str, Model] = {
     "hub_readme": Model(2000, 0, 10, 0, 100, 0, sized_by="none"),
     # resolve a branch to a commit (a local rule: runs where Snakemake runs)
     "pin": Model(1000, 0, 5, 0, 10, 0, sized_by="none"),
+    # GGUF export: llama.cpp's converter streams tensors lazily; the check holds the cell in
+    # float32 with transformers (2× a bf16 checkpoint) and the GGUF in llama.cpp (≤ 1×); the
+    # converter's f32 reference file (2×) is written beside the output and removed
+    "export_gguf": Model(4000, 3072, 10, 4, 200, 3100, gb_per_thread=4, max_threads=4),
+    # fetch llama.cpp's converter (one ~77 MB sdist from PyPI; a local rule)
+    "gguf_tools": Model(1000, 0, 10, 0, 300, 0, sized_by="none"),
 }
 #: Rules not in :data:`MODELS` (a rule added later) get this.
 DEFAULT_MODEL = Model(4000, 1024, 60, 2, 1000, 1100, gb_per_thread=4, max_threads=8)
@@ -374,6 +380,7 @@ def markdown_table(sizes: tuple[str, ...] = ("1b", "4b", "12b", "27b")) -> str:
         ("merge (ties, dare_ties)", "merge", method_factor("ties")),
         ("eval_cell, eval_baseline", "eval_cell", 1.0),
         ("upload", "upload", 1.0),
+        ("export_gguf (per type)", "export_gguf", 1.0),
     ]
     head = "| rule | " + " | ".join(f"{s} ({SIZE_BYTES[s] / 1e9:g} GB)" for s in sizes) + " |"
     lines = [head, "|" + " --- |" * (len(sizes) + 1)]

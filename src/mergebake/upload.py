@@ -34,7 +34,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,52 @@ def _commit_info(result: Any, repo: str, head: str | None) -> tuple[str | None, 
     return oid, getattr(result, "commit_url", None) or (commit_url(repo, oid) if oid else None)
 
 
+def gguf_entries(
+    gguf: Sequence[str | os.PathLike], path_in_repo: str, repo: str | None
+) -> list[dict[str, Any]]:
+    """What the receipt and model card say of each GGUF file of a cell.
+
+    ``gguf`` are files written by :func:`mergebake.export.export_gguf`, each with its
+    sidecar ``<file>.json``; ``path_in_repo`` the cell's folder (the file goes to
+    ``<path_in_repo>/<file name>``) and ``repo`` the repo it goes to. Each entry:
+    ``{type, file, repo, path_in_repo, bytes, sha256, checked_by, check}`` with ``check``
+    the llama.cpp logit comparison of the sidecar (top-1 agreement, max |Δlogit| and
+    tolerances per prompt). Raises :class:`MergebakeError` naming a GGUF without a sidecar,
+    or whose sidecar does not describe it (size or sha256 differ: rerun its export job).
+    """
+    out = []
+    for f in gguf:
+        f = Path(f)
+        side = Path(f"{f}.json")
+        try:
+            info = json.loads(side.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise MergebakeError(
+                f"{side}: cannot read the GGUF's check record ({e}); rerun its export job"
+            ) from e
+        size = f.stat().st_size
+        digest = sha256_file(f)
+        if info.get("bytes") != size or info.get("sha256") != digest:
+            raise MergebakeError(
+                f"{f}: its sidecar {side.name} describes another file (bytes/sha256 differ); "
+                "rerun its export job"
+            )
+        conv = info.get("converter") or {}
+        out.append(
+            {
+                "type": info["type"],
+                "file": f.name,
+                "repo": repo,
+                "path_in_repo": f"{path_in_repo}/{f.name}",
+                "bytes": size,
+                "sha256": digest,
+                "checked_by": f"llama.cpp ({conv.get('package')} {conv.get('version')})",
+                "check": (info.get("check") or {}).get("logits"),
+            }
+        )
+    return out
+
+
 def upload_cell(
     cell_dir: Path,
     receipt: Path,
@@ -184,8 +230,17 @@ def upload_cell(
     backoff: float = BACKOFF_S,
     sleep: Callable[[float], None] = time.sleep,
     api: Any = None,
+    gguf: Sequence[str | os.PathLike] = (),
+    gguf_repo: str | None = None,
 ) -> dict[str, Any]:
     """Publish ``cell_dir`` (plus model card ``card`` as README.md) to ``repo/path_in_repo``.
+
+    ``gguf``: the cell's GGUF files (with their ``.json`` sidecars); they go into the
+    cell's folder of ``repo`` in the same commit, or, with ``gguf_repo``, into
+    ``gguf_repo/path_in_repo`` in a commit of their own (same rules: only changed files
+    are sent, stale ones under that folder deleted). The receipt then has ``gguf``
+    (:func:`gguf_entries`) and, with ``gguf_repo``, ``gguf_commit``/``gguf_url``/
+    ``gguf_changed``.
 
     With ``enabled`` false, sends nothing. Either way writes ``card`` to ``card_out`` and the
     receipt JSON to ``receipt`` (atomically; only after a successful commit when enabled)
@@ -205,6 +260,13 @@ def upload_cell(
     if enabled and not repo:
         raise MergebakeError("hub.repo is not set; name the results repo (owner/name)")
     files = payload_files(cell_dir)
+    gguf_files = {}
+    for f in gguf:
+        gguf_files[Path(f).name] = Path(f)
+        gguf_files[f"{Path(f).name}.json"] = Path(f"{f}.json")
+    gguf_info = gguf_entries(gguf, path_in_repo, gguf_repo or repo) if gguf else None
+    if not gguf_repo:
+        files.update(gguf_files)
     manifest = {
         rel: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for rel, p in files.items()
     }
@@ -233,65 +295,24 @@ def upload_cell(
         "unchanged": False,
         "summary": summary,
     }
+    if gguf_info is not None:
+        record["gguf"] = gguf_info
+        if gguf_repo:
+            record.update(gguf_repo=gguf_repo, gguf_commit=None, gguf_url=None)
+            record["gguf_changed"] = sorted(gguf_files)
     if enabled:
         from huggingface_hub import HfApi
 
         api = api or HfApi()
         # The card replaces a README.md the cell may hold (never written through its link).
-        stage = _stage({k: v for k, v in files.items() if card is None or k != README}, receipt)
-        try:
-            if card is not None:
-                (stage / README).write_bytes(card_bytes)
-
-            def attempt() -> tuple[Any, str | None, list[str], list[str]]:
-                api.create_repo(repo, private=private, exist_ok=True)
-                info = api.model_info(repo)
-                _check_visibility(info, repo, private)
-                remote = _remote_files(api, repo, path_in_repo, info.sha)
-                changed = [
-                    rel
-                    for rel in sorted(manifest)
-                    if not _same(remote.get(rel), stage / rel, manifest[rel]["sha256"])
-                ]
-                stale = sorted(set(remote) - set(manifest))
-                if not changed and not stale:
-                    last = _last_commit(remote, info.sha)
-                    log.info(
-                        "%s/%s: unchanged on the Hub (last changed in %s); no commit",
-                        repo,
-                        path_in_repo,
-                        last,
-                    )
-                    return None, last, [], []
-                log.info(
-                    "%s/%s: sending %d file(s) (%s), deleting %d",
-                    repo,
-                    path_in_repo,
-                    len(changed),
-                    ", ".join(changed),
-                    len(stale),
-                )
-                result = api.upload_folder(
-                    repo_id=repo,
-                    folder_path=str(stage),
-                    path_in_repo=path_in_repo,
-                    commit_message=message,
-                    commit_description=commit_description,
-                    allow_patterns=[_fnmatch_escape(p) for p in changed],
-                    delete_patterns=[_fnmatch_escape(p) for p in stale] or None,
-                )
-                return result, info.sha, changed, stale
-
-            result, head, changed, stale = with_retries(
-                attempt,
-                what=f"upload of {cell_dir} to {repo}/{path_in_repo}",
-                repo=repo,
-                retries=retries,
-                backoff=backoff,
-                sleep=sleep,
-            )
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
+        stage_files = {k: v for k, v in files.items() if card is None or k != README}
+        extra = {README: card_bytes} if card is not None else {}
+        result, head, changed, stale = _commit_folder(
+            api, stage_files, extra, manifest, receipt,
+            repo=repo, path_in_repo=path_in_repo, private=private, message=message,
+            description=commit_description, what=f"upload of {cell_dir} to {repo}/{path_in_repo}",
+            retries=retries, backoff=backoff, sleep=sleep,
+        )  # fmt: skip
         oid, url = _commit_info(result, repo, head)
         record.update(
             commit=oid,
@@ -308,8 +329,100 @@ def upload_cell(
             "unchanged at" if result is None else "committed",
             oid,
         )
+        if gguf_repo and gguf_files:
+            gmanifest = {
+                rel: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                for rel, p in gguf_files.items()
+            }
+            gresult, ghead, gchanged, _ = _commit_folder(
+                api, gguf_files, {}, gmanifest, receipt,
+                repo=gguf_repo, path_in_repo=path_in_repo, private=private,
+                message=f"Upload GGUF of {path_in_repo}: {', '.join(e['type'] for e in gguf_info)}",
+                description=None, what=f"upload of the GGUF files to {gguf_repo}/{path_in_repo}",
+                retries=retries, backoff=backoff, sleep=sleep,
+            )  # fmt: skip
+            goid, gurl = _commit_info(gresult, gguf_repo, ghead)
+            record.update(gguf_commit=goid, gguf_url=gurl, gguf_changed=gchanged)
     write_json(receipt, record)
     return record
+
+
+def _commit_folder(
+    api: Any,
+    files: dict[str, Path],
+    extra: dict[str, bytes],
+    manifest: dict[str, dict[str, Any]],
+    receipt: Path,
+    *,
+    repo: str,
+    path_in_repo: str,
+    private: bool,
+    message: str,
+    description: str | None,
+    what: str,
+    retries: int,
+    backoff: float,
+    sleep: Callable[[float], None],
+) -> tuple[Any, str | None, list[str], list[str]]:
+    """Make ``repo/path_in_repo`` hold exactly ``manifest``: stage ``files`` (hard links)
+    and ``extra`` (bytes) beside ``receipt``, send only what differs and delete what the
+    folder no longer has, in one commit (none when nothing differs), retrying transient
+    failures. Returns ``(commit result or None, head, changed, deleted)``."""
+    stage = _stage(files, receipt)
+    try:
+        for rel, data in extra.items():
+            (stage / rel).write_bytes(data)
+
+        def attempt() -> tuple[Any, str | None, list[str], list[str]]:
+            api.create_repo(repo, private=private, exist_ok=True)
+            info = api.model_info(repo)
+            _check_visibility(info, repo, private)
+            remote = _remote_files(api, repo, path_in_repo, info.sha)
+            changed = [
+                rel
+                for rel in sorted(manifest)
+                if not _same(remote.get(rel), stage / rel, manifest[rel]["sha256"])
+            ]
+            stale = sorted(set(remote) - set(manifest))
+            if not changed and not stale:
+                last = _last_commit(remote, info.sha)
+                log.info(
+                    "%s/%s: unchanged on the Hub (last changed in %s); no commit",
+                    repo,
+                    path_in_repo,
+                    last,
+                )
+                return None, last, [], []
+            log.info(
+                "%s/%s: sending %d file(s) (%s), deleting %d",
+                repo,
+                path_in_repo,
+                len(changed),
+                ", ".join(changed),
+                len(stale),
+            )
+            result = api.upload_folder(
+                repo_id=repo,
+                folder_path=str(stage),
+                path_in_repo=path_in_repo,
+                commit_message=message,
+                commit_description=description,
+                allow_patterns=[_fnmatch_escape(p) for p in changed],
+                delete_patterns=[_fnmatch_escape(p) for p in stale] or None,
+            )
+            return result, info.sha, changed, stale
+
+        result, head, changed, stale = with_retries(
+            attempt,
+            what=what,
+            repo=repo,
+            retries=retries,
+            backoff=backoff,
+            sleep=sleep,
+        )
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return result, head, changed, stale
 
 
 def publish_readme(
@@ -426,6 +539,11 @@ def cli_upload(a) -> None:
             baseline.get("name"),
             spec.get("uncertainty"),
         )
+        if a.gguf:
+            repo = a.gguf_repo or a.repo or "your-org/your-repo"
+            spec["gguf"] = dict(
+                repo=a.gguf_repo or None, files=gguf_entries(a.gguf, a.path_in_repo, repo)
+            )
         card_text = str(build_cell_card(a.cell, spec, summary))
         description = f"Rendered recipe:\n\n```yaml\n{render_recipe(a.cell, spec)}```\n"
     rec = upload_cell(
@@ -440,6 +558,8 @@ def cli_upload(a) -> None:
         summary=summary,
         commit_description=description,
         retries=a.retries,
+        gguf=a.gguf or (),
+        gguf_repo=a.gguf_repo or None,
     )
     print(
         json.dumps(
@@ -516,6 +636,15 @@ def add_upload_arguments(sp) -> None:
     sp.add_argument("--card-out", type=Path, help="where to write the model card locally")
     sp.add_argument(
         "--retries", type=int, default=RETRIES, help="attempts for transient Hub failures"
+    )
+    sp.add_argument(
+        "--gguf",
+        type=Path,
+        action="append",
+        help="a GGUF file of the cell (with its .json sidecar) to publish with it; repeatable",
+    )
+    sp.add_argument(
+        "--gguf-repo", help="separate Hub repo (owner/name) for the GGUF files (export.gguf_repo)"
     )
 
 

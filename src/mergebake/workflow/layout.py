@@ -35,6 +35,9 @@ LAYOUT: dict[str, str] = {
     "report_html": "results/report/merge_eval_report.html",
     "report_scores_png": "results/report/merge_eval_scores.png",
     "report_ranking_png": "results/report/method_ranking.png",
+    # GGUF export (llama.cpp): the converter's cache, one file (+ .json sidecar) per type
+    "gguf_tools": "resources/tools/llama.cpp-{version}/tools.json",
+    "gguf": "results/gguf/{base}/{group}__{method}.{type}.gguf",
     # publishing
     "receipt": "results/uploaded/{base}/{group}__{method}.json",
     "card": "results/cards/{base}/{group}__{method}.md",

@@ -26,6 +26,7 @@ from ..config import (
     all_method_points,
     block_tasks,
     cell_parameters,
+    gguf_types,
     grid_cells,
     recipe_path,
 )
@@ -60,6 +61,7 @@ CHECKPOINT_OF = {
     "eval_cell": "merged",
     "eval_baseline": "baseline_model",
     "upload": "merged",
+    "export_gguf": "merged",
 }
 #: Weight and config files of a local folder that are inputs of the jobs reading it.
 LOCAL_PATTERNS = ("*.safetensors", "*.json", "*.bin")
@@ -337,6 +339,40 @@ class Plan:
         evals = [r["eval"] for r in self.report_rows()]
         return evals + [samples_of(e) for e in evals]
 
+    # ---- GGUF export -------------------------------------------------------------
+
+    @cached_property
+    def gguf(self) -> dict[Cell, list[str]]:
+        """GGUF types per exported cell (:func:`mergebake.config.gguf_types`)."""
+        return gguf_types(self.config)
+
+    def gguf_types(self, wc: Wildcards) -> list[str]:
+        """The GGUF types of the cell of wildcards ``base``, ``group``, ``method`` ([] if none)."""
+        return list(self.gguf.get(self.cell(wc), []))
+
+    def gguf_files(self, wc: Wildcards) -> list[str]:
+        """The cell's GGUF files (``LAYOUT["gguf"]``), one per type, in config order."""
+        cell = {k: wc[k] for k in ("base", "group", "method")}
+        return [path("gguf", type=t, **cell) for t in self.gguf_types(wc)]
+
+    def gguf_tools(self) -> str:
+        """The converter's record file, written by the ``gguf_tools`` rule."""
+        from ..export import LLAMA_CPP_PYTHON_VERSION
+
+        return path("gguf_tools", version=LLAMA_CPP_PYTHON_VERSION)
+
+    def gguf_bases(self) -> list[str]:
+        """Bases with at least one exported cell, sorted."""
+        return sorted({c.base for c in self.gguf})
+
+    def all_gguf_files(self) -> list[str]:
+        """Every GGUF file of the grid, cell by cell."""
+        return [
+            f
+            for c in self.gguf
+            for f in self.gguf_files(dict(base=c.base, group=c.group, method=c.method))
+        ]
+
     # ---- publishing --------------------------------------------------------------
 
     def baseline_row(self, base: str) -> str | None:
@@ -389,7 +425,7 @@ class Plan:
         c = self.cell(wc)
         base, adapters = self._card_entries(wc)
         row = self.baseline_row(c.base)
-        return dict(
+        spec = dict(
             cell=dict(size=c.size, variant=c.variant, group=c.group, method=c.method),
             base=base,
             adapters=adapters,
@@ -415,6 +451,20 @@ class Plan:
                 else None
             ),
         )
+        if self.gguf_types(wc):  # only then: the specs of cells without GGUF stay as they were
+            spec["gguf"] = self.gguf_spec(wc)
+        return spec
+
+    def gguf_spec(self, wc: Wildcards) -> dict[str, Any]:
+        """Where a cell's GGUF files go: ``{repo, files: [{type, file, path_in_repo}]}``;
+        ``repo`` is ``export.gguf_repo`` (None: the cell's own repo), ``file`` the local path,
+        ``path_in_repo`` ``<base>/<group>__<method>/<file name>`` in either repo."""
+        c = self.cell(wc)
+        files = [
+            dict(type=t, file=f, path_in_repo=f"{c.path_in_repo}/{Path(f).name}")
+            for t, f in zip(self.gguf_types(wc), self.gguf_files(wc), strict=True)
+        ]
+        return dict(repo=(self.config.get("export") or {}).get("gguf_repo"), files=files)
 
     def receipts(self) -> list[str]:
         """Every cell's upload receipt (the repo README is rebuilt when any changes)."""
@@ -481,8 +531,14 @@ class Plan:
     # ---- targets and jobs --------------------------------------------------------
 
     def final_outputs(self) -> list[str]:
-        """Targets of the default rule: the report, a receipt per cell, the repo README."""
-        return [*REPORT_OUTPUTS, *self.receipts(), LAYOUT["hub_readme_receipt"]]
+        """Targets of the default rule: the report, a receipt per cell, the repo README,
+        and the GGUF files when ``export.gguf`` lists types."""
+        return [
+            *REPORT_OUTPUTS,
+            *self.receipts(),
+            LAYOUT["hub_readme_receipt"],
+            *self.all_gguf_files(),
+        ]
 
     def jobs(self) -> Iterator[tuple[str, dict[str, str]]]:
         """Every job a fresh run of the grid has, as ``(rule, wildcards)``.
@@ -508,10 +564,14 @@ class Plan:
             if self.config["eval"]["baselines"]:
                 for row in self.baseline_rows_of(b):
                     yield "eval_baseline", {"base": b, "row": row}
+        if self.gguf:
+            yield "gguf_tools", {}
         for c in self.cells:
             wc = {"base": c.base, "group": c.group, "method": c.method}
             yield "merge", wc
             yield "eval_cell", wc
+            for t in self.gguf.get(c, []):
+                yield "export_gguf", {**wc, "type": t}
             yield "upload", wc
         yield "report", {}
         yield "hub_readme", {}
