@@ -48,6 +48,7 @@ DEMO_ADAPTERS = _alternation(PLAN.adapters_from("demo"))
 HUB_ADAPTERS = _alternation(PLAN.adapters_from("hub"))
 BASELINE_ROWS = _alternation(PLAN.baseline_rows())
 PIN_NAMES = _alternation(PLAN.pins)
+SELECTED = _alternation(a for _, a in PLAN.selections)
 PAYLOADS = PAYLOAD_PATTERN
 GGUF_TYPE_NAMES = _alternation(t for types in PLAN.gguf.values() for t in types)
 GGUF_TOOLS = PLAN.gguf_tools()
@@ -127,8 +128,22 @@ def get_adapter_pin(wildcards):
 
 
 def get_merge_models(wildcards):
-    """Normalised baked checkpoints of the cell's adapters, in group order."""
+    """Normalised baked checkpoints of the cell's adapters, in group order (eng@best: the
+    selected checkpoint's, so a new selection with the same choice changes no input)."""
     return PLAN.merge_models(_wc(wildcards))
+
+
+def _selection_file(base, adapter):
+    """The selection JSON, once its checkpoint job is done (else Snakemake waits for it)."""
+    return checkpoints.select_checkpoint.get(base=base, adapter=adapter).output[0]
+
+
+PLAN.selection_file = _selection_file
+
+
+def get_selection_scores(wildcards):
+    """The eval JSON of each checkpoint of the adapter: what its selection reads."""
+    return list(PLAN.selection_scores(_wc(wildcards)).values())
 
 
 def get_recipe(wildcards):
@@ -142,8 +157,8 @@ def get_task_inputs(wildcards):
 
 
 def get_report_evals(wildcards):
-    """Every eval JSON the report reads: cells and baselines."""
-    return PLAN.report_evals()
+    """Every eval JSON the report reads: cells and baselines; and every selection JSON."""
+    return PLAN.report_evals() + PLAN.selection_files()
 
 
 def get_hub_baseline_eval(wildcards):

@@ -51,3 +51,23 @@ rule eval_baseline:
         cmd=get_command("eval_baseline"),
     shell:
         "{params.cmd} --threads {threads} > {log:q} 2>&1"
+
+
+# Checkpoint selection: a Snakemake checkpoint, so merges of <adapter>@best are planned
+# once the choice is known, and depend on the chosen checkpoint only.
+checkpoint select_checkpoint:
+    input:
+        get_selection_scores,
+    output:
+        LAYOUT["selection"],
+    log:
+        "logs/select_checkpoint/{base}/{adapter}.log",
+    wildcard_constraints:
+        adapter=SELECTED,
+    localrule: True
+    conda:
+        ENV
+    params:
+        cmd=get_command("select_checkpoint"),
+    shell:
+        "{params.cmd} > {log:q} 2>&1"

@@ -57,7 +57,7 @@ def snakemake(
     return p
 
 
-_JOB = re.compile(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    output: (.*)$", re.M)
+_JOB = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):\n(?:    .*\n)*?    output: (.*)$", re.M)
 
 
 def planned_jobs(workdir: Path, config: Path | None = None) -> set[tuple[str, str]]:

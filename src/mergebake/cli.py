@@ -71,7 +71,14 @@ def cmd_demo_base(a: argparse.Namespace) -> None:
 def cmd_demo_adapter(a: argparse.Namespace) -> None:
     from .demo import cli_adapter
 
-    cli_adapter(a.base, a.out, skill=a.skill, seed=a.seed, threads=a.threads)
+    kw = {"checkpoints": a.checkpoints} if a.checkpoints else {}
+    cli_adapter(a.base, a.out, skill=a.skill, seed=a.seed, threads=a.threads, **kw)
+
+
+def cmd_select_checkpoint(a: argparse.Namespace) -> None:
+    from .selection import cli_select
+
+    cli_select(a.score, a.metric, a.mode, a.out)
 
 
 def cmd_demo_tasks(a: argparse.Namespace) -> None:
@@ -259,6 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--skill", required=True)
     sp.add_argument("--seed", type=int, required=True)
     sp.add_argument("--threads", type=int)
+    sp.add_argument(
+        "--checkpoints",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="steps at which to save checkpoint-<step>/ (comma-separated)",
+    )
+
+    sp = add(
+        "select-checkpoint",
+        cmd_select_checkpoint,
+        "pick an adapter's checkpoint from its scores (max/min of a metric; ties: earliest)",
+    )
+    sp.add_argument("--score", action="append", required=True, help="STEP=EVAL_JSON")
+    sp.add_argument("--metric", required=True, help="task/metric, e.g. demo_eng/acc")
+    sp.add_argument("--mode", choices=["max", "min"], default="max")
+    sp.add_argument("--out", type=Path, required=True)
 
     sp = add("demo-tasks", cmd_demo_tasks, "write the demo lm-eval tasks and their data")
     sp.add_argument("--out", type=Path, required=True)

@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import split_member
 from .workflow import LAYOUT, Plan, dumps, path, payload_path
 from .workflow.layout import (
     PAYLOAD_HUB_META,
     PAYLOAD_HUB_ROWS,
     PAYLOAD_REPORT_ROWS,
 )
-from .workflow.sources import DemoSource, HubSource
+from .workflow.sources import DemoSource, HubSource, source_from_config
 
 PROG = "mergebake"
 
@@ -100,10 +101,29 @@ class DemoAdapter:
     out: str
     skill: str
     seed: int
+    checkpoints: tuple[int, ...] = ()
 
     def argv(self) -> list[str]:
         return [PROG, "demo-adapter", "--base", self.base, "--out", self.out,
-                "--skill", self.skill, "--seed", str(self.seed)]  # fmt: skip
+                "--skill", self.skill, "--seed", str(self.seed),
+                *_opt("--checkpoints", ",".join(map(str, self.checkpoints)))]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SelectCheckpoint:
+    """``mergebake select-checkpoint``: pick one of an adapter's checkpoints by a metric."""
+
+    scores: tuple[tuple[str, str], ...]  # (step, eval JSON), steps ascending
+    metric: str
+    mode: str
+    out: str
+
+    def argv(self) -> list[str]:
+        return [
+            *[PROG, "select-checkpoint", "--metric", self.metric, "--mode", self.mode],
+            *[a for step, f in self.scores for a in ("--score", f"{step}={f}")],
+            *["--out", self.out],
+        ]
 
 
 @dataclass(frozen=True)
@@ -315,7 +335,7 @@ class HubReadme:
 
 Command = (
     Pin | Fetch | DemoBase | DemoAdapter | DemoTasks | Bake | Normalise | Merge | Eval
-    | Report | Upload | HubReadme | GGUFTools | ExportGGUF
+    | Report | Upload | HubReadme | GGUFTools | ExportGGUF | SelectCheckpoint
 )  # fmt: skip
 
 
@@ -357,7 +377,8 @@ def build(plan: Plan, rule: str, wc: dict[str, str] | Any) -> Command:
         src = plan.adapter_sources[(b, a)]
         assert isinstance(src, HubSource), (b, a)
         out = path("adapter", base=b, adapter=a)
-        return _fetch(plan, src, f"adapters.{b}.{a}.hub", out, cfg["allow_pickle"])
+        key = f"adapters.{b}.{split_member(a)[0]}.hub"
+        return _fetch(plan, src, key, out, cfg["allow_pickle"])
     if rule == "demo_base":
         src = plan.base_sources[wc["base"]]
         assert isinstance(src, DemoSource), wc
@@ -365,10 +386,11 @@ def build(plan: Plan, rule: str, wc: dict[str, str] | Any) -> Command:
         return DemoBase(path("base", base=wc["base"]), s["arch"], s["layers"], s["seed"])
     if rule == "demo_adapter":
         b, a = wc["base"], wc["adapter"]
-        src = plan.adapter_sources[(b, a)]
+        src = source_from_config(cfg["adapters"][b][a], f"adapters.{b}.{a}")
         assert isinstance(src, DemoSource), wc
         out = path("adapter", base=b, adapter=a)
-        return DemoAdapter(plan.base_dir(b), out, src.spec["skill"], src.spec["seed"])
+        steps = tuple(plan.checkpoints(b, a))
+        return DemoAdapter(plan.base_dir(b), out, src.spec["skill"], src.spec["seed"], steps)
     if rule == "demo_tasks":
         return DemoTasks(LAYOUT["demo_tasks"])
     if rule == "bake":
@@ -389,7 +411,7 @@ def build(plan: Plan, rule: str, wc: dict[str, str] | Any) -> Command:
     if rule == "normalise_baked":
         return Normalise(path("baked", **wc), path("text", **wc))
     if rule == "merge":
-        adapters = cfg["groups"][wc["group"]]
+        adapters = [split_member(m)[0] for m in plan.group(wc)]
         return Merge(
             recipe=plan.recipe(wc["method"]),
             base=path("text_base", base=wc["base"]),
@@ -419,6 +441,15 @@ def build(plan: Plan, rule: str, wc: dict[str, str] | Any) -> Command:
             include_path=plan.include_path(),
             limit=e["limit"],
             trust_remote_code=cfg["trust_remote_code"],
+        )
+    if rule == "select_checkpoint":
+        b, a = wc["base"], wc["adapter"]
+        sel = cfg["adapters"][b][a]["select"]
+        return SelectCheckpoint(
+            scores=tuple(plan.selection_scores(wc).items()),
+            metric=sel["metric"],
+            mode=sel["mode"],
+            out=path("selection", base=b, adapter=a),
         )
     if rule == "report":
         return Report(

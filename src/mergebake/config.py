@@ -115,6 +115,50 @@ def block_tasks(config: Mapping[str, Any], block: Mapping[str, Any]) -> list[dic
     return [*config["eval"]["tasks"], *own.get("add", [])]
 
 
+#: Separates an adapter from its checkpoint in row and group member names (``eng@500``).
+CHECKPOINT_SEP = "@"
+#: The group member suffix that names an adapter's selected checkpoint (``eng@best``).
+BEST = "best"
+#: The placeholder a checkpointed adapter's Hub ``subfolder`` or local ``path`` holds.
+CHECKPOINT_PLACEHOLDER = "{checkpoint}"
+
+
+def split_member(member: str) -> tuple[str, str | None]:
+    """A group member or baseline row name as ``(adapter, checkpoint)``: ``"eng"`` gives
+    ``("eng", None)``, ``"eng@500"`` gives ``("eng", "500")``, ``"eng@best"`` ``("eng",
+    "best")``."""
+    adapter, sep, step = member.partition(CHECKPOINT_SEP)
+    return adapter, (step if sep else None)
+
+
+def checkpoint_row(adapter: str, step: int | str) -> str:
+    """The baseline row (and folder) name of one checkpoint: ``eng@500``."""
+    return f"{adapter}{CHECKPOINT_SEP}{step}"
+
+
+def adapter_checkpoints(config: Mapping[str, Any], base: str, adapter: str) -> list[int]:
+    """The declared ``checkpoints`` of ``adapters.<base>.<adapter>`` in config order ([]
+    when it has none)."""
+    return list(config.get("adapters", {}).get(base, {}).get(adapter, {}).get("checkpoints") or [])
+
+
+def member_rows(config: Mapping[str, Any], base: str, member: str) -> list[str]:
+    """The baseline rows a group member stands for on ``base``: ``eng`` itself, ``eng@500``
+    itself, and for ``eng@best`` every checkpoint row of ``eng`` (the candidates of the
+    selection)."""
+    adapter, step = split_member(member)
+    if step == BEST:
+        return [checkpoint_row(adapter, n) for n in adapter_checkpoints(config, base, adapter)]
+    return [member]
+
+
+def adapter_rows(config: Mapping[str, Any], base: str, adapter: str) -> list[str]:
+    """The rows (baked, scored folders) of an adapter on ``base``: one per declared
+    checkpoint (``eng@500``, ...), else the adapter's own name."""
+    steps = adapter_checkpoints(config, base, adapter)
+    return [checkpoint_row(adapter, n) for n in steps] if steps else [adapter]
+
+
 @dataclass(frozen=True, order=True)
 class Cell:
     """One merged checkpoint of the grid: ``{size}-{variant}/{group}__{method}``."""
@@ -324,6 +368,7 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
         for ad in config.get("adapters", {}).get(base, {}):
             _no_double_underscore(ad, f"adapters.{base}.{ad}", source)
     _check_sweeps(config, source, recipes_dir)
+    _check_checkpoints(config, source)
     seen: dict[Cell, int] = {}
     for i, block in enumerate(config["grid"]):
         for kind in ("groups", "methods"):
@@ -348,12 +393,14 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
                     f"{cell.variant!r}) is not in 'bases'; add bases.{base}, drop it from "
                     f"the block, or leave it out with grid[{i}].exclude: ['{base}/*']"
                 )
-            for ad in config["groups"][cell.group]:
+            for member in config["groups"][cell.group]:
+                ad, _ = split_member(member)
                 if ad not in config.get("adapters", {}).get(base, {}):
                     raise ConfigError(
                         f"{source}: key 'groups.{cell.group}': adapter {ad!r} is not "
                         f"configured for base {base!r}; add adapters.{base}.{ad}"
                     )
+                _check_member(config, source, cell.group, member, base)
             if cell in seen:
                 raise ConfigError(
                     f"{source}: key 'grid[{i}]': cell {cell.path_in_repo} is "
@@ -395,7 +442,7 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
             except ConfigError as e:
                 raise ConfigError(f"{e}{where}") from None
             for group in sorted(groups_of.get(mname, ())):
-                adapters = config["groups"][group]
+                adapters = [split_member(a)[0] for a in config["groups"][group]]
                 try:
                     render_recipe(
                         recipe,
@@ -421,6 +468,7 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
     if dup:
         raise ConfigError(f"{source}: key 'eval.tasks': task(s) {sorted(dup)} listed twice")
     _check_block_tasks(config, source)
+    _check_selection_metrics(config, source, seen)
     check_oracle_config(config, source)
     check_export_config(config, source)
 
@@ -464,6 +512,107 @@ def _check_sweeps(config: dict, source: str, recipes_dir: Path) -> None:
                 f"{source}: key 'methods.{mname}.sweep': point name(s) {sorted(clash)} "
                 "are also method names; rename the method"
             )
+
+
+def _check_checkpoints(config: dict, source: str) -> None:
+    """Each adapter with ``checkpoints`` has the ``{checkpoint}`` placeholder where its
+    checkpoints are (Hub ``subfolder`` or local ``path``; a demo adapter saves them itself,
+    within its training steps); ``select`` and a placeholder need ``checkpoints``; every
+    group names each adapter once."""
+    from .demo import DEFAULT_STEPS
+
+    for base, ads in config.get("adapters", {}).items():
+        for ad, entry in ads.items():
+            key = f"adapters.{base}.{ad}"
+            steps = entry.get("checkpoints")
+            where = (
+                ("hub.subfolder", (entry["hub"].get("subfolder") or ""))
+                if "hub" in entry
+                else ("path", entry["path"])
+                if "path" in entry
+                else None
+            )
+            has = where is not None and CHECKPOINT_PLACEHOLDER in where[1]
+            if steps and where is not None and not has:
+                raise ConfigError(
+                    f"{source}: key '{key}.{where[0]}': {where[1]!r} has no {{checkpoint}} "
+                    f"placeholder, but {key}.checkpoints lists {steps}; write where each "
+                    "checkpoint is, e.g. 'adapters/checkpoint-{checkpoint}'"
+                )
+            if has and not steps:
+                raise ConfigError(
+                    f"{source}: key '{key}.{where[0]}': {where[1]!r} has a {{checkpoint}} "
+                    f"placeholder but {key} lists no checkpoints; add {key}.checkpoints"
+                )
+            if steps and "demo" in entry and max(steps) > DEFAULT_STEPS:
+                raise ConfigError(
+                    f"{source}: key '{key}.checkpoints': a demo adapter trains "
+                    f"{DEFAULT_STEPS} steps; list checkpoints from 1 to {DEFAULT_STEPS}"
+                )
+            if "select" in entry and not steps:
+                raise ConfigError(
+                    f"{source}: key '{key}.select': the adapter has no checkpoints to "
+                    f"select from; add {key}.checkpoints or drop select"
+                )
+    for group, members in config["groups"].items():
+        names = [split_member(m)[0] for m in members]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(
+                f"{source}: key 'groups.{group}': adapter(s) {dup} named more than once "
+                "(a group merges one checkpoint of each adapter)"
+            )
+
+
+def _check_member(config: dict, source: str, group: str, member: str, base: str) -> None:
+    """A group member fits its adapter on ``base``: ``@best`` needs ``select``, ``@N`` a
+    declared checkpoint N, and a checkpointed adapter must be named with one of them."""
+    ad, step = split_member(member)
+    entry = config["adapters"][base][ad]
+    key = f"groups.{group}"
+    steps = entry.get("checkpoints") or []
+    if step is None and steps:
+        raise ConfigError(
+            f"{source}: key {key!r}: adapter {ad!r} of base {base!r} has checkpoints "
+            f"{steps}; name one: {ad}@best (with adapters.{base}.{ad}.select) or "
+            f"{ad}@{steps[-1]}"
+        )
+    if step == BEST and "select" not in entry:
+        raise ConfigError(
+            f"{source}: key {key!r}: {member!r} needs adapters.{base}.{ad}.select "
+            "(metric and mode) to pick the best checkpoint; add it or name a checkpoint"
+        )
+    if step not in (None, BEST) and int(step) not in steps:
+        raise ConfigError(
+            f"{source}: key {key!r}: {member!r} names checkpoint {step}, which "
+            f"adapters.{base}.{ad}.checkpoints does not declare ({steps or 'none'})"
+        )
+
+
+def _check_selection_metrics(config: dict, source: str, cells: Iterable[Cell]) -> None:
+    """A ``select.metric`` names a task the adapter's base is scored on (the union of its
+    cells' tasks), and checkpoint rows are scored at all (``eval.baselines``)."""
+    tasks: dict[str, set[str]] = {}
+    blocks = dict(grid_cells(config))
+    for cell in cells:
+        block = config["grid"][blocks[cell]]
+        tasks.setdefault(cell.base, set()).update(t["name"] for t in block_tasks(config, block))
+    for base, ads in config.get("adapters", {}).items():
+        for ad, entry in ads.items():
+            if "select" not in entry or base not in tasks:
+                continue
+            key = f"adapters.{base}.{ad}.select.metric"
+            if not config["eval"]["baselines"]:
+                raise ConfigError(
+                    f"{source}: key '{key}': checkpoints are selected on their baseline "
+                    "scores but eval.baselines is false; set it to true"
+                )
+            task = entry["select"]["metric"].rpartition("/")[0]
+            if task not in tasks[base]:
+                raise ConfigError(
+                    f"{source}: key '{key}': task {task!r} is not scored on base {base!r} "
+                    f"(its tasks: {sorted(tasks[base])}); name one of them"
+                )
 
 
 def _check_block_tasks(config: dict, source: str) -> None:
@@ -527,7 +676,7 @@ def check_oracle_config(config: Mapping[str, Any], source: str = "config") -> No
 def _check_parameters(
     mname: str, method: dict, groups: set[str], config: dict, source: str, recipe: Path
 ) -> None:
-    allowed = {a for g in groups for a in config["groups"][g]}
+    allowed = {split_member(a)[0] for g in groups for a in config["groups"][g]}
     for pname, value in method.get("parameters", {}).items():
         key = f"methods.{mname}.parameters.{pname}"
         values = value.items() if isinstance(value, dict) else [(None, value)]
@@ -576,8 +725,8 @@ def recipe_path(
 
 def cell_parameters(config: Mapping[str, Any], cell: Cell) -> dict[str, Any]:
     """The method parameters of ``cell`` (its sweep point's values in place), per-adapter
-    mappings restricted to its group."""
-    adapters = config["groups"][cell.group]
+    mappings restricted to its group (members by adapter name: ``eng@best`` is ``eng``)."""
+    adapters = [split_member(a)[0] for a in config["groups"][cell.group]]
     params = all_method_points(config)[cell.method].parameters(config)
     out: dict[str, Any] = {}
     for k, v in params.items():

@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -645,6 +647,7 @@ def train_adapter(
     rank: int = 8,
     alpha: int = 16,
     lr: float = DEFAULT_LR,
+    checkpoints: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Train a LoRA adapter on ``skill`` over the demo base in ``base``; save it to ``out``.
 
@@ -662,7 +665,12 @@ def train_adapter(
     ``out`` (created atomically, replaced if present) receives PEFT's
     ``adapter_model.safetensors`` (float32 ``lora_A``/``lora_B`` weights) and
     ``adapter_config.json`` (``base_model_name_or_path`` = the base's absolute path), plus
-    ``metrics.json`` and ``provenance.json``.
+    ``metrics.json`` and ``provenance.json``. With ``checkpoints`` (steps 1..``steps``),
+    the adapter as it stands after each of those steps is also saved, as a PEFT adapter,
+    to ``out/checkpoint-<step>/`` (what trainers such as transformers' ``Trainer`` write),
+    and ``metrics.json`` gains ``checkpoints`` (the steps); without, the output is as
+    before, byte for byte. Saving reads the weights only, so the final adapter does not
+    depend on ``checkpoints``.
 
     Returns the metrics: ``skill``, ``arch``, ``steps``, ``rank``, ``alpha``, ``lr``,
     ``loss_initial`` and ``loss_final`` (mean cross-entropy in nats over the 20 documents),
@@ -689,6 +697,9 @@ def train_adapter(
             raise MergebakeError(f"{name}={value!r}: must be an integer >= {lo}")
     if not lr > 0:
         raise MergebakeError(f"lr={lr!r}: must be positive")
+    saves = sorted(set(checkpoints))
+    if any(isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= steps for n in saves):
+        raise MergebakeError(f"checkpoints={list(checkpoints)!r}: steps must be 1..{steps}")
     base = Path(base).resolve()
     model, tokenizer, arch = load_base(base)
     saved_dtype = _saved_dtype(base)
@@ -718,13 +729,21 @@ def train_adapter(
         peft_model.train()
         t0 = time.perf_counter()
         losses = []
-        for _ in range(steps):
+        saved: dict[int, Path] = {}
+        stage = None
+        if saves:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=Path(out).parent))
+        for step in range(1, steps + 1):
             opt.zero_grad(set_to_none=True)
             logits = peft_model(input_ids=ctx).logits[:, -1, :]
             loss = torch.nn.functional.cross_entropy(logits.float(), targets)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
+            if step in saves:
+                saved[step] = stage / f"checkpoint-{step}"
+                peft_model.save_pretrained(saved[step])
         seconds = time.perf_counter() - t0
         peft_model.eval()
         with torch.no_grad():
@@ -748,8 +767,14 @@ def train_adapter(
         "loss_final": final_loss,
         "accuracy": {s: {"before": before[s], "after": after[s]} for s in SKILLS},
     }
+    if saves:
+        metrics["checkpoints"] = saves
     out = Path(out)
     with atomic_dir(out) as tmp:
+        for folder in saved.values():
+            shutil.move(str(folder), tmp / folder.name)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
         peft_model.save_pretrained(tmp)
         baked = _bake_in_memory(base, tmp, saved_dtype)
         for s in SKILLS:
@@ -945,6 +970,7 @@ def cli_adapter(
     lr: float = DEFAULT_LR,
     min_accuracy: float | None = 0.9,
     threads: int | None = None,
+    checkpoints: Sequence[int] = (),
 ) -> int:
     """``mergebake demo-adapter``: :func:`train_adapter`, then print its metrics as JSON.
 
@@ -956,7 +982,15 @@ def cli_adapter(
     """
     _set_threads(threads)
     metrics = train_adapter(
-        Path(base), Path(out), skill=skill, seed=seed, steps=steps, rank=rank, alpha=alpha, lr=lr
+        Path(base),
+        Path(out),
+        skill=skill,
+        seed=seed,
+        steps=steps,
+        rank=rank,
+        alpha=alpha,
+        lr=lr,
+        checkpoints=checkpoints,
     )
     print(json.dumps(metrics, sort_keys=True))
     got = metrics["accuracy"][skill]["after_bake"]

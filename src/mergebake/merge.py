@@ -12,6 +12,7 @@ output only appears at ``out`` once the engine finished and
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +37,18 @@ def base_dtype(folder: Path) -> str:
     """The checkpoint's dtype as named in its config.json (``dtype`` or ``torch_dtype``)."""
     cfg = read_config(folder)
     return cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+
+
+def _without_at(folder: Path, links: Path, i: int) -> Path:
+    """``folder``, or when its path holds ``@`` a symlink to it, ``links/<i>``."""
+    if "@" not in str(folder):
+        return folder
+    links.mkdir(parents=True, exist_ok=True)
+    link = links / str(i)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(folder, target_is_directory=True)
+    return link
 
 
 def merge_cell(
@@ -102,10 +115,14 @@ def merge_cell(
     for p in (base, *models.values()):
         weight_files(p, allow_pickle=allow_pickle)  # exists, safetensors, index complete
     dtype = dtype or base_dtype(base)
+    # mergekit reads "path@revision": a folder whose path holds "@" (a checkpoint row such
+    # as eng@500) reaches it through a link without one (removed once merged).
+    links = Path(out).parent / f".{Path(out).name}.links"
+    given = {k: _without_at(v, links, i) for i, (k, v) in enumerate(models.items())}
     rendered = render_recipe(
         Path(recipe),
         base_model=str(base),
-        models={k: str(v) for k, v in models.items()},
+        models={k: str(v) for k, v in given.items()},
         parameters=parameters,
         dtype=dtype,
     )
@@ -189,6 +206,8 @@ def merge_cell(
             },
             seed=seed,
         )
+    if links.is_dir():
+        shutil.rmtree(links)
     res = {
         "recipe": rendered,
         "engine": ran,

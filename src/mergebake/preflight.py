@@ -41,7 +41,7 @@ def check_local_paths(config: Mapping[str, Any]) -> None:
     ``adapters.<b>.<a>.path`` for every local source of the grid that does not exist.
 
     Cheap, so the workflow runs it when it parses the config (dry runs included)."""
-    from .config import ConfigError
+    from .config import ConfigError, split_member
     from .workflow import PathSource, Plan
 
     problems = []
@@ -53,7 +53,11 @@ def check_local_paths(config: Mapping[str, Any]) -> None:
         for a in plan.adapters[base]:
             asrc = plan.adapter_sources[(base, a)]
             if isinstance(asrc, PathSource) and not Path(asrc.path).is_dir():
-                problems.append(f"key 'adapters.{base}.{a}.path': {asrc.path} does not exist")
+                name, step = split_member(a)  # a checkpoint row: eng@500
+                at = f" (checkpoint {step})" if step else ""
+                problems.append(
+                    f"key 'adapters.{base}.{name}.path'{at}: {asrc.path} does not exist"
+                )
     if problems:
         raise ConfigError(
             "local input folder(s) not found; fix the path(s) or use a hub "
@@ -198,7 +202,9 @@ def preflight(
                         strict_base_match=config["bake"]["strict_base_match"],
                     )
                 except MergebakeError as e:
-                    msg = f"config key 'adapters.{base}.{a}': {e}"
+                    name = a.partition("@")[0]  # a checkpoint row eng@500 is adapter eng
+                    key = f"adapters.{base}.{name}" + (f"' ({a})" if name != a else "'")
+                    msg = f"config key '{key}: {e}"
                     (notes if keep_going else problems).append(msg)
             notes += [str(w.message) for w in caught]
     if check_token and config["hub"]["enabled"]:

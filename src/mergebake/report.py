@@ -46,6 +46,8 @@ SCORES_PNG = "merge_eval_scores.png"
 RANKING_PNG = "method_ranking.png"
 #: Written only for a grid with a sweep (:func:`mergebake.plots.plot_sweep`).
 SWEEP_PNG = "sweep_curves.png"
+#: Written only for a grid with an adapter's checkpoints (rows with ``checkpoint``).
+CHECKPOINT_PNG = "checkpoint_curves.png"
 PENDING_EVAL = "pending eval"
 PENDING_BASELINE = "pending baseline"
 INCOMPLETE = "incomplete"
@@ -783,6 +785,15 @@ def build_report(
         )
         pngs.append(SWEEP_PNG)
         md += f"\n## Sweeps\n\n![mean Δ against each swept value]({SWEEP_PNG})\n"
+    ckpt_curves, selections = _checkpoint_curves(df, rows)
+    if ckpt_curves:  # only for a grid with checkpoints: other grids' outputs stay as they were
+        plots.plot_sweep(
+            ckpt_curves,
+            out_dir / CHECKPOINT_PNG,
+            title="Checkpoints: mean Δ against the training step (ring: selected)",
+        )
+        pngs.append(CHECKPOINT_PNG)
+        md += _selection_markdown(selections)
     with atomic_file(out_dir / MD_NAME, "wb") as fh:
         fh.write(md.encode("utf-8"))
     _plot_heatmap(df, names, delta_cols, baseline, out_dir / SCORES_PNG)
@@ -841,6 +852,66 @@ def _sweep_curves(df, rows: list[dict]) -> list[dict]:
             {"label": label, "parameter": p, "x": [x for x, _ in pts], "y": [y for _, y in pts]}
         )
     return curves
+
+
+def _checkpoint_curves(df, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Curves for :func:`mergebake.plots.plot_sweep` of each adapter's checkpoint rows (a
+    row's ``checkpoint``: ``{"adapter", "step", "selection"}``): mean Δ against the step,
+    the selected step marked; and the selections read (``{"base", "adapter", ...the
+    selection JSON}``; a selection not yet written is left out)."""
+    lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    files: dict[tuple[str, str], str | None] = {}
+    for _, r in df.iterrows():
+        ck = rows[int(r["_row"])].get("checkpoint")
+        if not ck:
+            continue
+        key = (r["_base"], ck["adapter"])
+        lines.setdefault(key, []).append((int(ck["step"]), float(r[MEAN_DELTA])))
+        files[key] = ck.get("selection")
+    curves, selections = [], []
+    for (base, adapter), pts in lines.items():
+        pts.sort()
+        f = files[(base, adapter)]
+        sel = json.loads(Path(f).read_text()) if f and Path(f).is_file() else None
+        if sel is not None:
+            selections.append({"base": base, "adapter": adapter, **sel})
+        choice = sel["choice"] if sel else None
+        curves.append(
+            {
+                "label": f"{base} {adapter}",
+                "parameter": "checkpoint (training step)",
+                "x": [float(x) for x, _ in pts],
+                "y": [y for _, y in pts],
+                "marked": [x == choice for x, _ in pts],
+            }
+        )
+    return curves, selections
+
+
+def _selection_markdown(selections: list[dict]) -> str:
+    """The report's checkpoint section: the curve and, per selection, its metric, mode,
+    each checkpoint's score and the choice."""
+    md = (
+        "\n## Checkpoints\n\n"
+        f"![mean Δ against each adapter's checkpoint]({CHECKPOINT_PNG})\n\n"
+        "Selection: the checkpoint with the best value of the metric (max or min); equal "
+        "values go to the earliest checkpoint.\n"
+    )
+    if selections:
+        rows = [
+            [
+                s["base"],
+                s["adapter"],
+                s["metric"],
+                s["mode"],
+                ", ".join(f"{k}: {_fmt(v)}" for k, v in s["scores"].items()),
+                f"**{s['choice']}**",
+            ]
+            for s in selections
+        ]
+        header = ["base", "adapter", "metric", "mode", "scores (step: value)", "selected"]
+        md += "\n" + "\n".join(md_table(header, rows, ["l"] * 6)) + "\n"
+    return md
 
 
 def _plot_heatmap(df, names, delta_cols, baseline: str, path: Path) -> None:

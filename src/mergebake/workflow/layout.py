@@ -16,6 +16,8 @@ LAYOUT: dict[str, str] = {
     "pin": "resources/pins/{pin}.json",
     "base": "resources/bases/{base}",
     "adapter": "resources/adapters/{base}/{adapter}",
+    # a demo adapter's checkpoint, saved inside its training run
+    "demo_checkpoint": "resources/adapters/{base}/{adapter}/checkpoint-{checkpoint}",
     "demo_tasks": "resources/demo/tasks",
     # built checkpoints
     "baked": "results/baked/{base}/{adapter}",
@@ -26,6 +28,8 @@ LAYOUT: dict[str, str] = {
     # scores and the report
     "eval_cell": "results/eval/{base}/{group}__{method}.json",
     "eval_baseline": "results/eval/{base}/{row}.json",
+    # the checkpoint an adapter's select: picked (choice, scores, metric)
+    "selection": "results/selection/{base}/{adapter}.json",
     # per-document values beside each eval JSON (paired bootstrap intervals)
     "eval_cell_samples": "results/eval/{base}/{group}__{method}.samples.json.gz",
     "eval_baseline_samples": "results/eval/{base}/{row}.samples.json.gz",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -21,14 +21,20 @@ from typing import Any
 from .. import resources
 from ..config import (
     BASE_ROW,
+    BEST,
     ROOT,
     Cell,
+    adapter_checkpoints,
+    adapter_rows,
     all_method_points,
     block_tasks,
     cell_parameters,
+    checkpoint_row,
     gguf_types,
     grid_cells,
+    member_rows,
     recipe_path,
+    split_member,
 )
 from ..fetch import is_commit_sha, pin_name
 from .layout import (
@@ -45,7 +51,7 @@ from .layout import (
     payload_path,
     samples_of,
 )
-from .sources import HubSource, PathSource, Source, source_from_config
+from .sources import DemoSource, HubSource, PathSource, Source, source_from_config
 from .tasks import build_index, task_files
 
 Wildcards = Mapping[str, str]
@@ -110,17 +116,32 @@ class Plan:
             self.size_of.setdefault(c.base, c.size)
             self.cells_of.setdefault(c.base, []).append(c)
             adapters.setdefault(c.base, set()).update(config["groups"][c.group])
-        #: Bases of the grid, sorted; adapters per base, sorted.
+        #: Bases of the grid, sorted; adapter rows per base (an adapter's name, or one
+        #: ``<adapter>@<step>`` per declared checkpoint), by adapter name.
         self.bases: list[str] = sorted(adapters)
-        self.adapters: dict[str, list[str]] = {b: sorted(adapters[b]) for b in self.bases}
+        names = {b: sorted({split_member(m)[0] for m in adapters[b]}) for b in self.bases}
+        self.adapters: dict[str, list[str]] = {
+            b: [r for a in names[b] for r in adapter_rows(config, b, a)] for b in self.bases
+        }
         self.base_sources: dict[str, Source] = {
             b: source_from_config(config["bases"][b], f"bases.{b}") for b in self.bases
         }
-        self.adapter_sources: dict[tuple[str, str], Source] = {
-            (b, a): source_from_config(config["adapters"][b][a], f"adapters.{b}.{a}")
-            for b in self.bases
-            for a in self.adapters[b]
-        }
+        self.adapter_sources: dict[tuple[str, str], Source] = {}
+        for b in self.bases:
+            for row in self.adapters[b]:
+                a, step = split_member(row)
+                self.adapter_sources[(b, row)] = source_from_config(
+                    config["adapters"][b][a], f"adapters.{b}.{a}", int(step) if step else None
+                )
+        #: (base, adapter) of every adapter with ``select``: one selection job each.
+        self.selections: list[tuple[str, str]] = [
+            (b, a) for b in self.bases for a in names[b] if "select" in config["adapters"][b][a]
+        ]
+        #: The selection JSON of (base, adapter); common.smk replaces it with Snakemake's
+        #: ``checkpoints.<rule>.get(...)``, so a merge waits for the selection it reads.
+        self.selection_file: Callable[[str, str], str] = lambda b, a: path(
+            "selection", base=b, adapter=a
+        )
 
     # ---- names -------------------------------------------------------------------
 
@@ -140,8 +161,19 @@ class Plan:
         return [b for b in self.bases if self.base_sources[b].kind == kind]
 
     def adapters_from(self, kind: str) -> list[str]:
-        """Adapter names with a source of ``kind`` for some base (may repeat a name)."""
-        return [a for (b, a), s in self.adapter_sources.items() if s.kind == kind]
+        """Adapter rows with a source of ``kind`` for some base (may repeat a name); for
+        ``demo``, the training runs' names (a run saves every checkpoint of its adapter)."""
+        rows = [a for (b, a), s in self.adapter_sources.items() if s.kind == kind]
+        return [split_member(a)[0] for a in rows] if kind == "demo" else rows
+
+    def demo_runs(self, base: str) -> list[str]:
+        """The demo adapters trained for ``base`` (one ``demo_adapter`` job each), sorted."""
+        rows = [a for a in self.adapters[base] if self.adapter_sources[(base, a)].kind == "demo"]
+        return sorted({split_member(a)[0] for a in rows})
+
+    def checkpoints(self, base: str, adapter: str) -> list[int]:
+        """The declared checkpoints of ``adapters.<base>.<adapter>`` ([] when none)."""
+        return adapter_checkpoints(self.config, base, adapter)
 
     def all_adapters(self) -> list[str]:
         return [a for b in self.bases for a in self.adapters[b]]
@@ -158,16 +190,29 @@ class Plan:
         return src.path if isinstance(src, PathSource) else path("base", base=base)
 
     def adapter_dir(self, base: str, adapter: str) -> str:
-        """Folder of the LoRA adapter for (base, adapter)."""
+        """Folder of the LoRA adapter for (base, adapter row): a local path as given (its
+        ``{checkpoint}`` filled), a demo checkpoint's ``checkpoint-<step>/`` inside its
+        training run, else the fetched or generated copy."""
         src = self.adapter_sources[(base, adapter)]
         if isinstance(src, PathSource):
             return src.path
+        name, step = split_member(adapter)
+        if step is not None and isinstance(src, DemoSource):
+            return path("demo_checkpoint", base=base, adapter=name, checkpoint=step)
         return path("adapter", base=base, adapter=adapter)
+
+    def adapter_input(self, base: str, adapter: str) -> str:
+        """What a bake of (base, adapter row) depends on: :meth:`adapter_dir`, except for a
+        demo checkpoint, whose training run's folder (the ``demo_adapter`` output)."""
+        name, step = split_member(adapter)
+        if step is not None and self.adapter_sources[(base, adapter)].kind == "demo":
+            return path("adapter", base=base, adapter=name)
+        return self.adapter_dir(base, adapter)
 
     def bake_inputs(self, wc: Wildcards) -> dict[str, Any]:
         """Named inputs of a bake: the base and adapter folders, plus the files of local ones."""
         base, adapter = wc["base"], wc["adapter"]
-        bdir, adir = self.base_dir(base), self.adapter_dir(base, adapter)
+        bdir, adir = self.base_dir(base), self.adapter_input(base, adapter)
         files = []
         if isinstance(self.base_sources[base], PathSource):
             files += local_files(bdir)
@@ -216,10 +261,39 @@ class Plan:
     # ---- merge -------------------------------------------------------------------
 
     def merge_models(self, wc: Wildcards) -> list[str]:
-        """Normalised baked checkpoints of the cell's adapters, in group order."""
-        return [
-            path("text", base=wc["base"], adapter=a) for a in self.config["groups"][wc["group"]]
-        ]
+        """Normalised baked checkpoints of the cell's adapters, in group order; ``eng@best``
+        is the selected checkpoint's (:meth:`resolve`)."""
+        b = wc["base"]
+        return [path("text", base=b, adapter=self.resolve(b, m)) for m in self.group(wc)]
+
+    def group(self, wc: Wildcards) -> list[str]:
+        """The members of the cell's group (``eng``, ``eng@500``, ``eng@best``)."""
+        return list(self.config["groups"][wc["group"]])
+
+    def resolve(self, base: str, member: str) -> str:
+        """The adapter row a group member names on ``base``: itself, or for ``eng@best``
+        the row of the checkpoint its selection chose (read from :attr:`selection_file`;
+        in Snakemake that waits for the selection job)."""
+        adapter, step = split_member(member)
+        if step != BEST:
+            return member
+        choice = json.loads(Path(self.selection_file(base, adapter)).read_text())["choice"]
+        return checkpoint_row(adapter, choice)
+
+    # ---- checkpoint selection ----------------------------------------------------
+
+    def selection_scores(self, wc: Wildcards) -> dict[str, str]:
+        """The eval JSON of each checkpoint of the adapter (wildcards ``base``,
+        ``adapter``), keyed by step: what its selection reads."""
+        b, a = wc["base"], wc["adapter"]
+        return {
+            str(n): path("eval_baseline", base=b, row=checkpoint_row(a, n))
+            for n in self.checkpoints(b, a)
+        }
+
+    def selection_files(self) -> list[str]:
+        """Every selection JSON of the grid (the report shows them)."""
+        return [path("selection", base=b, adapter=a) for b, a in self.selections]
 
     def recipe(self, method: str) -> str:
         """The recipe template of ``method`` (a method or sweep point name; absolute:
@@ -298,7 +372,7 @@ class Plan:
                 name=c.name,
                 group=c.group,
                 method=c.method,
-                adapters=list(self.config["groups"][c.group]),  # the oracle candidates
+                adapters=self._candidates(c.base, c.group),  # the oracle candidates
                 eval=path("eval_cell", base=c.base, group=c.group, method=c.method),
                 **self._sweep_of(c),
             )
@@ -318,9 +392,29 @@ class Plan:
                             group=None,
                             method=None,
                             eval=path("eval_baseline", base=base, row=name),
+                            **self._checkpoint_of(base, name),
                         )
                     )
         return sorted(rows, key=lambda r: (r["base"], r["kind"], r["name"]))
+
+    def _candidates(self, base: str, group: str) -> list[str]:
+        """The baseline rows a cell's group stands for (``eng@best``: every checkpoint)."""
+        return [r for m in self.config["groups"][group] for r in member_rows(self.config, base, m)]
+
+    def _checkpoint_of(self, base: str, row: str) -> dict[str, Any]:
+        """``{"checkpoint": {"adapter", "step", "selection"}}`` for a checkpoint's row (the
+        selection JSON or None), else ``{}``."""
+        adapter, step = split_member(row)
+        if step is None:
+            return {}
+        sel = (base, adapter) in self.selections
+        return dict(
+            checkpoint=dict(
+                adapter=adapter,
+                step=int(step),
+                selection=path("selection", base=base, adapter=adapter) if sel else None,
+            )
+        )
 
     def _sweep_of(self, c: Cell) -> dict[str, Any]:
         """``{"sweep": {"method", "parameters"}}`` for a sweep point's cell, else ``{}``."""
@@ -390,7 +484,7 @@ class Plan:
         row = self.baseline_row(wc["base"])
         if not row:
             return []
-        names = sorted({row, BASE_ROW, *self.config["groups"][wc["group"]]})
+        names = sorted({row, BASE_ROW, *self._candidates(wc["base"], wc["group"])})
         evals = [path("eval_baseline", base=wc["base"], row=n) for n in names]
         return evals + [samples_of(e) for e in [path("eval_cell", **wc), *evals]]
 
@@ -404,6 +498,10 @@ class Plan:
         )
         adapters = []
         for a in self.config["groups"][wc["group"]]:
+            if split_member(a)[1] == BEST:  # which checkpoint: the selection's JSON says
+                entry_cfg = self.config["adapters"][base][split_member(a)[0]]
+                adapters.append(dict(name=a, source=dict(entry_cfg), dir=None))
+                continue
             asrc = self.adapter_sources[(base, a)]
             folder = path("adapter", base=base, adapter=a)
             adapters.append(
@@ -444,7 +542,7 @@ class Plan:
                     base=path("eval_baseline", base=c.base, row=BASE_ROW),
                     adapters={
                         a: path("eval_baseline", base=c.base, row=a)
-                        for a in self.config["groups"][c.group]
+                        for a in self._candidates(c.base, c.group)
                     },
                 )
                 if row
@@ -553,17 +651,23 @@ class Plan:
             kind = self.base_sources[b].kind
             if kind != "path":
                 yield ("demo_base" if kind == "demo" else "fetch_base"), {"base": b}
+            trained: set[str] = set()
             for a in self.adapters[b]:
-                akind = self.adapter_sources[(b, a)].kind
-                if akind != "path":
-                    rule = "demo_adapter" if akind == "demo" else "fetch_adapter"
-                    yield rule, {"base": b, "adapter": a}
+                akind, run = self.adapter_sources[(b, a)].kind, split_member(a)[0]
+                if akind == "demo" and run not in trained:  # one run saves every checkpoint
+                    trained.add(run)
+                    yield "demo_adapter", {"base": b, "adapter": run}
+                elif akind == "hub":
+                    yield "fetch_adapter", {"base": b, "adapter": a}
                 yield "bake", {"base": b, "adapter": a}
                 yield "normalise_baked", {"base": b, "adapter": a}
             yield "normalise_base", {"base": b}
             if self.config["eval"]["baselines"]:
                 for row in self.baseline_rows_of(b):
                     yield "eval_baseline", {"base": b, "row": row}
+            for sb, a in self.selections:
+                if sb == b:
+                    yield "select_checkpoint", {"base": b, "adapter": a}
         if self.gguf:
             yield "gguf_tools", {}
         for c in self.cells:

@@ -79,17 +79,35 @@ Source = HubSource | PathSource | DemoSource
 KINDS = ("hub", "path", "demo")
 
 
-def source_from_config(src: Mapping[str, Any], key: str = "source") -> Source:
+#: Keys of an adapter's config entry besides its source (the checkpoint axis).
+ADAPTER_KEYS = ("checkpoints", "select")
+
+
+def source_from_config(
+    src: Mapping[str, Any], key: str = "source", checkpoint: int | None = None
+) -> Source:
     """The typed source of a config mapping ``{hub|path|demo: ...}`` found at ``key``.
+
+    An adapter's ``checkpoints``/``select`` keys are not part of the source. With
+    ``checkpoint``, the ``{checkpoint}`` placeholder of a Hub ``subfolder`` or local
+    ``path`` is filled with it (a demo source is the training run's, unchanged).
 
     Raises :class:`mergebake.config.ConfigError` naming ``key`` when the mapping does not
     have exactly one of ``hub``, ``path``, ``demo`` (the schema already refuses that).
     """
-    if not isinstance(src, Mapping) or len(src) != 1 or next(iter(src)) not in KINDS:
+    kinds = [k for k in src if k in KINDS] if isinstance(src, Mapping) else []
+    extra = [k for k in src if k not in KINDS and k not in ADAPTER_KEYS] if kinds else []
+    if len(kinds) != 1 or extra:
         raise ConfigError(f"key {key!r}: expected exactly one of {', '.join(KINDS)}")
-    kind, value = next(iter(src.items()))
+    kind = kinds[0]
+    value = src[kind]
+
+    def fill(text: str) -> str:
+        return text if checkpoint is None else text.replace("{checkpoint}", str(checkpoint))
+
     if kind == "hub":
-        return HubSource(value["repo"], value["revision"], value.get("subfolder"))
+        sub = value.get("subfolder")
+        return HubSource(value["repo"], value["revision"], fill(sub) if sub else sub)
     if kind == "path":
-        return PathSource(str(value))
+        return PathSource(fill(str(value)))
     return DemoSource(tuple(sorted(value.items())))
