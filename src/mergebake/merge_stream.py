@@ -66,6 +66,7 @@ import torch
 
 from . import MergebakeError
 from . import methods as method_table
+from .safetensors_io import DTYPES, SafetensorsFile, header_bytes, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +194,10 @@ class Plan:
         return sum(j.nbytes for j in self.jobs)
 
 
-def _header_info(file: str) -> tuple[int, dict[str, Any]]:
-    """Where a safetensors file's data starts, and its JSON header (name -> {dtype, shape,
-    data_offsets relative to the data start})."""
-    with open(file, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        return 8 + n, json.loads(fh.read(n))
+def _header_info(file: str) -> SafetensorsFile:
+    """A safetensors file's parsed header (:class:`mergebake.safetensors_io.SafetensorsFile`:
+    where its data starts, each tensor's dtype, shape and byte range)."""
+    return SafetensorsFile.open(file)
 
 
 def plan(merge_config: Any, options: Any, out_path: str) -> Plan:
@@ -266,14 +265,20 @@ def plan(merge_config: Any, options: Any, out_path: str) -> Plan:
                 raise HandOver(f"{file} is not a safetensors file")
             if file not in headers:
                 headers[file] = _header_info(file)
-            data, info = headers[file]
-            entry = info[name]
-            start, end = entry["data_offsets"]
-            shape = tuple(entry["shape"])
+            st = headers[file]
+            entry = st.tensors[name]
+            shape = entry.shape
             shapes.add(shape)
-            stored = _torch_dtype(entry["dtype"], file)
+            stored = _torch_dtype(entry.dtype, file)
             load = Load(
-                arg.model, file, name, _dtype(arg.dtype), data + start, end - start, stored, shape
+                arg.model,
+                file,
+                name,
+                _dtype(arg.dtype),
+                st.data_start + entry.start,
+                entry.nbytes,
+                stored,
+                shape,
             )
             if load.nbytes != _numel(shape) * stored.itemsize:
                 raise MergebakeError(f"{file}: {name} has {load.nbytes} bytes for {shape} {stored}")
@@ -333,18 +338,15 @@ def _layout(jobs: list[Job], max_shard_size: int) -> list[Shard]:
 
 
 def _torch_dtype(code: str, file: str) -> torch.dtype:
-    from safetensors.torch import _TYPES
-
-    if code not in _TYPES:
+    if code not in DTYPES:
         raise HandOver(f"{file}: safetensors dtype {code} is not read by the stream engine")
-    return _TYPES[code]
+    return torch_dtype(code)
 
 
 def _st_dtype(dtype: torch.dtype) -> str:
-    from safetensors.torch import _TYPES
-
-    for code, t in _TYPES.items():
-        if t == dtype:
+    name = str(dtype).removeprefix("torch.")
+    for code, d in DTYPES.items():
+        if d.torch == name:
             return code
     raise HandOver(f"safetensors has no dtype code for {dtype}")
 
@@ -366,18 +368,12 @@ def _header_bytes(ordered: list[Job]) -> bytes:
     """The safetensors header of a file holding ``ordered`` (in that order), with
     ``{"format": "pt"}`` metadata as mergekit writes it: compact JSON, padded with spaces
     to a multiple of 8 bytes (the format's alignment rule)."""
-    entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
     pos = 0
     for job in ordered:
-        entries[job.name] = {
-            "dtype": _st_dtype(job.dtype),
-            "shape": list(job.shape),
-            "data_offsets": [pos, pos + job.nbytes],
-        }
+        entries[job.name] = (_st_dtype(job.dtype), tuple(job.shape), pos, pos + job.nbytes)
         pos += job.nbytes
-    raw = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
+    return header_bytes(entries, {"format": "pt"})
 
 
 def _index_json(jobs: list[Job], shards: list[Shard]) -> bytes:

@@ -187,7 +187,8 @@ def header_bytes(
         header["__metadata__"] = dict(metadata)
     for name, (dtype, shape, start, end) in tensors.items():
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, end]}
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    # UTF-8 as the safetensors library (serde_json) writes names, not \u escapes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
 
