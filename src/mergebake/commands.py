@@ -11,7 +11,7 @@ task list) is never on a command line: it is a payload file (``results/payloads/
 written by the ``payload`` rule, whose parameter is that content, so a change still
 reruns what reads it. The Linux kernel refuses a single argument over 128 KiB, and
 Snakemake runs a job's command as one ``bash -c`` argument; every command here stays
-far below 16 KiB at any grid size (``tests/test_commands.py`` checks 10,000 cells).
+far below 16 KiB at any grid size (``tests/unit/test_commands.py`` checks 10,000 cells).
 """
 
 from __future__ import annotations

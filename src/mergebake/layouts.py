@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 #: Text ``model_type`` -> the ``model_type`` of the causal LM that runs its weights, for text
 #: models transformers gives no causal-LM class of their own. Each entry has its own test
-#: (tests/test_layouts.py): the normalised checkpoint loads with every key matched and
+#: (tests/unit/test_layouts.py): the normalised checkpoint loads with every key matched and
 #: gives the wrapped model's language-model logits on text input.
 TEXT_CAUSAL_LM: dict[str, str] = {
     # Qwen2_5_VLTextModel is Qwen2Model with 3-D (t, h, w) rotary positions; on text

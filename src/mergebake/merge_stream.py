@@ -18,7 +18,7 @@ of worker threads, and writes every shard straight to its final place in the fil
   mergekit holds a whole shard (up to ``out_shard_size``) before writing it.
 
 The output is byte-identical to ``mergekit-yaml`` on the same recipe and options (every
-safetensors file and the index; ``tests/test_merge_stream.py``). Two things make it faster
+safetensors file and the index; ``tests/unit/test_merge_stream.py``). Two things make it faster
 than mergekit at mergekit's own numerics:
 
 1. parallel workers (threads; torch's intra-op threads are split between them): mergekit's

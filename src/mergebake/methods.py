@@ -457,7 +457,7 @@ METHODS: dict[str, Method] = {
 
 # ---------------------------------------------------------------------------------------
 # Adapter space: PEFT's add_weighted_adapter (peft.tuners.lora.LoraModel), one entry per
-# combination_type. ``tests/test_methods.py`` holds these against its signature.
+# combination_type. ``tests/unit/test_methods.py`` holds these against its signature.
 
 #: Where an adapter-space default comes from: PEFT's ``add_weighted_adapter`` signature.
 PEFT = "peft"
