@@ -53,7 +53,14 @@ from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
-from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter_config
+from .lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    PLAIN_INITS,
+    UNSUPPORTED,
+    read_adapter_config,
+)
 from .methods import ADAPTER_METHODS, adapter_method
 from .outputs import atomic_dir, write_provenance
 
@@ -64,23 +71,14 @@ COMBINATION_TYPES: tuple[str, ...] = tuple(ADAPTER_METHODS)
 #: Adapter tensors of deterministic types merged per skeleton (bytes, as stored).
 CHUNK_BYTES = 32 * 1024**2
 #: LoraConfig options whose merge needs the base's weights (or is not LoRA arithmetic):
-#: (field, the value that is fine).
+#: (field, the value that is fine). Those the stream bake refuses (:data:`lora.UNSUPPORTED`)
+#: plus what only a loaded base can merge (DoRA's norms, LoRA bias, whole saved modules).
 NEEDS_BASE = (
     ("use_dora", False),
     ("lora_bias", False),
     ("modules_to_save", None),
-    ("trainable_token_indices", None),
-    ("layer_replication", None),
-    ("use_qalora", False),
-    ("use_bdlora", None),
-    ("alora_invocation_tokens", None),
-    ("arrow_config", None),
-    ("velora_config", None),
-    ("monteclora_config", None),
-    ("kasa_config", None),
-    ("megatron_config", None),
+    *(opt for opt in UNSUPPORTED if opt[0] != "target_parameters"),
 )
-PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
 _MERGED = "merged"  # PEFT adapter name of the result inside the skeleton
 
 
