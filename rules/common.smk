@@ -10,7 +10,7 @@ from snakemake.logging import logger
 
 from mergebake import commands
 from mergebake.config import load_config
-from mergebake.preflight import check_local_paths
+from mergebake.preflight import check_adapter_cells, check_local_paths
 from mergebake.resources import KNOBS
 from mergebake.workflow import LAYOUT, REPORT_OUTPUTS, Plan, write_payload
 from mergebake.workflow.layout import PAYLOAD_PATTERN
@@ -21,6 +21,7 @@ config = load_config(
     source=(workflow.configfiles or ["config"])[-1],
 )
 check_local_paths(config)
+check_adapter_cells(config)  # adapter-space cells whose adapters are on disk already
 PLAN = Plan(config, workflow_dir=workflow.basedir)
 ENV = "../envs/mergebake.yaml"
 
@@ -48,6 +49,8 @@ DEMO_ADAPTERS = _alternation(PLAN.adapters_from("demo"))
 HUB_ADAPTERS = _alternation(PLAN.adapters_from("hub"))
 BASELINE_ROWS = _alternation(PLAN.baseline_rows())
 PIN_NAMES = _alternation(PLAN.pins)
+WEIGHT_METHODS = _alternation(PLAN.methods_of_space("weight"))
+ADAPTER_METHODS = _alternation(PLAN.methods_of_space("adapter"))
 PAYLOADS = PAYLOAD_PATTERN
 
 
@@ -126,6 +129,11 @@ def get_merge_models(wildcards):
     return PLAN.merge_models(_wc(wildcards))
 
 
+def get_adapter_merge_inputs(wildcards):
+    """Adapter folders of an adapter-space cell (group order), the base folder, local files."""
+    return PLAN.adapter_merge_inputs(_wc(wildcards))
+
+
 def get_recipe(wildcards):
     """The recipe template of the cell's method."""
     return PLAN.recipe(wildcards.method)
@@ -154,6 +162,11 @@ def get_hub_sources(wildcards):
 def get_card_payload(wildcards):
     """The payload file holding the cell's model card spec."""
     return PLAN.card_payload(_wc(wildcards))
+
+
+def get_cell_adapter(wildcards):
+    """The merged adapter of an adapter-space cell (uploaded beside it), else []."""
+    return PLAN.cell_adapter(_wc(wildcards))
 
 
 def get_hub_receipts(wildcards):

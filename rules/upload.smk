@@ -15,6 +15,7 @@ rule upload:
         baseline=get_hub_baseline_eval,
         sources=get_hub_sources,
         card=get_card_payload,
+        adapter=get_cell_adapter,
     output:
         receipt=LAYOUT["receipt"],
         card=LAYOUT["card"],

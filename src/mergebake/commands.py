@@ -186,6 +186,54 @@ class Merge:
 
 
 @dataclass(frozen=True)
+class AdapterMerge:
+    """``mergebake adapter-merge``: PEFT's ``add_weighted_adapter`` over a cell's adapters
+    (adapter space); writes a PEFT adapter folder. ``weights`` is ``((adapter, w), ...)``
+    in group order; ``options`` the combination type's other options, ``((name, value),
+    ...)`` (``None``: unset)."""
+
+    adapters: tuple[tuple[str, str], ...]
+    out: str
+    combination_type: str
+    weights: tuple[tuple[str, float], ...]
+    options: tuple[tuple[str, Any], ...]
+    seed: int
+    base: str
+
+    def argv(self) -> list[str]:
+        opts: list[str] = []
+        for name, value in self.options:
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, bool):
+                opts.append(flag if value else "--no-" + flag[2:])
+            else:
+                opts += _opt(flag, value)
+        return [
+            *[PROG, "adapter-merge"],
+            *[a for name, p in self.adapters for a in ("--adapter", f"{name}={p}")],
+            *["--combination-type", self.combination_type],
+            *[a for name, w in self.weights for a in ("--weight", f"{name}={w!r}")],
+            *opts,
+            *["--seed", str(self.seed), "--base", self.base, "--out", self.out],
+        ]
+
+
+@dataclass(frozen=True)
+class AdapterCell:
+    """``mergebake adapter-cell``: normalise the base with the merged adapter baked in,
+    verify it against the normalised base, record that it was merged in adapter space."""
+
+    baked: str
+    base: str
+    adapter: str
+    out: str
+
+    def argv(self) -> list[str]:
+        return [PROG, "adapter-cell", "--baked", self.baked, "--base", self.base,
+                "--adapter", self.adapter, "--out", self.out]  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Eval:
     """``mergebake eval``: lm-eval on one checkpoint; the task list is a payload file."""
 
@@ -248,6 +296,7 @@ class Upload:
     repo: str
     enabled: bool = False
     private: bool = False
+    adapter: str | None = None  # adapter-space cells: uploaded as <path_in_repo>/adapter/
 
     def argv(self) -> list[str]:
         return [
@@ -257,6 +306,7 @@ class Upload:
             *["--repo", self.repo],
             *_flag("--enabled", self.enabled),
             *_flag("--private", self.private),
+            *_opt("--adapter-dir", self.adapter),
         ]
 
 
@@ -283,8 +333,8 @@ class HubReadme:
 
 
 Command = (
-    Pin | Fetch | DemoBase | DemoAdapter | DemoTasks | Bake | Normalise | Merge | Eval
-    | Report | Upload | HubReadme
+    Pin | Fetch | DemoBase | DemoAdapter | DemoTasks | Bake | Normalise | Merge | AdapterMerge
+    | AdapterCell | Eval | Report | Upload | HubReadme
 )  # fmt: skip
 
 
@@ -367,6 +417,40 @@ def build(plan: Plan, rule: str, wc: dict[str, str] | Any) -> Command:
             allow_pickle=cfg["allow_pickle"],
             trust_remote_code=cfg["trust_remote_code"],
         )
+    if rule == "adapter_merge":
+        names = cfg["groups"][wc["group"]]
+        inputs = plan.adapter_merge_inputs(wc)
+        opts = plan.adapter_options(wc)
+        weights = opts.pop("weights")
+        return AdapterMerge(
+            adapters=tuple(zip(names, inputs["adapters"], strict=True)),
+            out=path("merged_adapter", **wc),
+            combination_type=opts.pop("combination_type"),
+            weights=tuple((a, weights[a]) for a in names),
+            options=tuple(opts.items()),
+            seed=cfg["seed"],
+            base=inputs["base"],
+        )
+    if rule == "bake_cell":
+        b = wc["base"]
+        return Bake(
+            base=plan.base_dir(b),
+            adapter=path("merged_adapter", **wc),
+            out=path("baked_cell", **wc),
+            engine=cfg["bake"]["engine"],
+            device=cfg["bake"]["device"],
+            expected_base=plan.expected_base(b),
+            strict_base_match=cfg["bake"]["strict_base_match"],
+            allow_pickle=False,  # the merged adapter is safetensors
+            trust_remote_code=cfg["trust_remote_code"],
+        )
+    if rule == "normalise_cell":
+        return AdapterCell(
+            baked=path("baked_cell", **wc),
+            base=path("text_base", base=wc["base"]),
+            adapter=path("merged_adapter", **wc),
+            out=path("merged", **wc),
+        )
     if rule in ("eval_cell", "eval_baseline"):
         e = cfg["eval"]
         model = path("merged", **wc) if rule == "eval_cell" else path("baseline_model", **wc)
@@ -406,6 +490,7 @@ def build(plan: Plan, rule: str, wc: dict[str, str] | Any) -> Command:
             repo=hub["repo"] or "",
             enabled=hub["enabled"],
             private=hub["private"],
+            adapter=path("merged_adapter", **wc) if plan.is_adapter_cell(wc["method"]) else None,
         )
     if rule == "hub_readme":
         return HubReadme(

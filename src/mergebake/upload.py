@@ -34,7 +34,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,7 @@ def upload_cell(
     backoff: float = BACKOFF_S,
     sleep: Callable[[float], None] = time.sleep,
     api: Any = None,
+    subfolders: Mapping[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Publish ``cell_dir`` (plus model card ``card`` as README.md) to ``repo/path_in_repo``.
 
@@ -195,8 +196,12 @@ def upload_cell(
     every file / none); ``unchanged`` is true when the Hub already held exactly these files
     and no commit was made (``commit`` is then the last commit that changed them).
 
-    Raises :class:`MergebakeError` when ``cell_dir`` is missing, ``repo`` is unset while
-    enabled, a public repo would receive a private cell, or the upload fails (after
+    ``subfolders`` maps a folder name to a local folder published beside the model under
+    ``<path_in_repo>/<name>/`` (an adapter-space cell's merged adapter: ``{"adapter":
+    results/adapters/...}``); its files are in the manifest as ``<name>/<file>``.
+
+    Raises :class:`MergebakeError` when ``cell_dir`` or a subfolder is missing, ``repo``
+    is unset while enabled, a public repo would receive a private cell, or the upload fails (after
     retrying transient failures; see :func:`mergebake.hub.with_retries`).
     """
     cell_dir, receipt = Path(cell_dir), Path(receipt)
@@ -205,6 +210,13 @@ def upload_cell(
     if enabled and not repo:
         raise MergebakeError("hub.repo is not set; name the results repo (owner/name)")
     files = payload_files(cell_dir)
+    for name, folder in (subfolders or {}).items():
+        if not Path(folder).is_dir():
+            raise MergebakeError(f"{folder}: folder to upload as {name}/ not found; build it")
+        clash = [rel for rel in files if rel.split("/")[0] == name]
+        if clash:
+            raise MergebakeError(f"{cell_dir}: already holds {clash[0]}; cannot add {name}/")
+        files.update({f"{name}/{rel}": p for rel, p in payload_files(Path(folder)).items()})
     manifest = {
         rel: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for rel, p in files.items()
     }
@@ -440,6 +452,7 @@ def cli_upload(a) -> None:
         summary=summary,
         commit_description=description,
         retries=a.retries,
+        subfolders={"adapter": a.adapter_dir} if getattr(a, "adapter_dir", None) else None,
     )
     print(
         json.dumps(
@@ -516,6 +529,11 @@ def add_upload_arguments(sp) -> None:
     sp.add_argument("--card-out", type=Path, help="where to write the model card locally")
     sp.add_argument(
         "--retries", type=int, default=RETRIES, help="attempts for transient Hub failures"
+    )
+    sp.add_argument(
+        "--adapter-dir",
+        type=Path,
+        help="merged adapter folder of an adapter-space cell, uploaded as <path>/adapter/",
     )
 
 
