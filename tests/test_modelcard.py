@@ -278,3 +278,26 @@ def test_card_carries_delta_interval_and_retention(tmp_path):
     samples.unlink()
     with pytest.raises(MergebakeError, match=r"cell\.samples\.json\.gz"):
         cell_scores(cell, base, None, "_base", spec)
+
+
+def test_adapter_space_card_says_how_to_load_the_model_and_the_adapter(work):
+    space = {
+        "subfolder": "adapter",
+        "combination_type": "ties",
+        "weights": {"eng": 1.0, "nob": 1.0},
+        "density": 0.5,
+        "majority_sign_method": "total",
+    }
+    spec = dict(work["spec"], adapter_space=space)
+    summary = cell_scores(work["scores"], None, None, None)
+    text = build_cell_card(work["cell"], spec, summary).text
+    path = spec["path_in_repo"]
+    assert f'AutoModelForCausalLM.from_pretrained("org/merges", subfolder="{path}")' in text
+    base = build_cell_card(work["cell"], spec, summary).data.to_dict()["base_model"]
+    assert f'base = AutoModelForCausalLM.from_pretrained("{base}")' in text
+    assert (
+        f'model = PeftModel.from_pretrained(base, "org/merges", subfolder="{path}/adapter")'
+    ) in text
+    assert 'add_weighted_adapter` (`combination_type="ties"`)' in text
+    assert '"density": 0.5' in text and "## Recipe" not in text
+    assert "| demo_eng | acc | 0 | 0.900 | – | – |" in text  # scores as for any cell
