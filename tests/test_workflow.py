@@ -1,5 +1,6 @@
-"""The main job end to end: the 16-cell demo grid (14 weight-space, 2 adapter-space) built by `snakemake --cores 2`, and the
-exact set of jobs each kind of change schedules afterwards (staleness)."""
+"""The main job end to end: the 16-cell demo grid (14 weight-space, 2 adapter-space) built
+by `snakemake --cores 2`, and the exact set of jobs each kind of change schedules afterwards
+(staleness)."""
 
 from __future__ import annotations
 
