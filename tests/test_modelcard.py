@@ -301,3 +301,5 @@ def test_adapter_space_card_says_how_to_load_the_model_and_the_adapter(work):
     assert 'add_weighted_adapter` (`combination_type="ties"`)' in text
     assert '"density": 0.5' in text and "## Recipe" not in text
     assert "| demo_eng | acc | 0 | 0.900 | – | – |" in text  # scores as for any cell
+    tags = build_cell_card(work["cell"], spec, summary).data.to_dict()["tags"]
+    assert "peft" in tags and "mergekit" not in tags

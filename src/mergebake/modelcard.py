@@ -363,6 +363,7 @@ def _adapter_space_card(cell_dir, spec, summary, data, base, space):
     from huggingface_hub import ModelCard
 
     cell, repo, path = spec["cell"], spec["repo"], spec["path_in_repo"]
+    data.tags = ["peft" if t == "mergekit" else t for t in data.tags]  # PEFT merged it
     sub = space.get("subfolder", "adapter")
     options = {k: v for k, v in space.items() if k not in ("subfolder", "combination_type")}
     lines = [
