@@ -1,5 +1,6 @@
-# mergebake: bake LoRA adapters into their bases, merge them per cell with mergekit,
-# score every cell with lm-eval, report, and publish. See README.md.
+# mergebake: bake LoRA adapters into their bases and merge them per cell with mergekit (or
+# merge the adapters with PEFT and bake the result), score every cell with lm-eval, report,
+# and publish. See README.md.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -18,6 +19,7 @@ include: "rules/fetch.smk"
 include: "rules/bake.smk"
 include: "rules/normalise.smk"
 include: "rules/merge.smk"
+include: "rules/adapter_merge.smk"
 include: "rules/eval.smk"
 include: "rules/report.smk"
 include: "rules/upload.smk"

@@ -10,7 +10,7 @@ from snakemake.logging import logger
 
 from mergebake import commands
 from mergebake.config import load_config
-from mergebake.preflight import check_local_paths
+from mergebake.preflight import check_adapter_cells, check_local_paths
 from mergebake.resources import KNOBS
 from mergebake.workflow import LAYOUT, REPORT_OUTPUTS, Plan, write_payload
 from mergebake.workflow.layout import PAYLOAD_PATTERN
@@ -21,6 +21,7 @@ config = load_config(
     source=(workflow.configfiles or ["config"])[-1],
 )
 check_local_paths(config)
+check_adapter_cells(config)  # adapter-space cells whose adapters are on disk already
 PLAN = Plan(config, workflow_dir=workflow.basedir)
 ENV = "../envs/mergebake.yaml"
 
@@ -49,6 +50,8 @@ HUB_ADAPTERS = _alternation(PLAN.adapters_from("hub"))
 BASELINE_ROWS = _alternation(PLAN.baseline_rows())
 PIN_NAMES = _alternation(PLAN.pins)
 SELECTED = _alternation(a for _, a in PLAN.selections)
+WEIGHT_METHODS = _alternation(PLAN.methods_of_space("weight"))
+ADAPTER_METHODS = _alternation(PLAN.methods_of_space("adapter"))
 PAYLOADS = PAYLOAD_PATTERN
 GGUF_TYPE_NAMES = _alternation(t for types in PLAN.gguf.values() for t in types)
 GGUF_TOOLS = PLAN.gguf_tools()
@@ -146,6 +149,11 @@ def get_selection_scores(wildcards):
     return list(PLAN.selection_scores(_wc(wildcards)).values())
 
 
+def get_adapter_merge_inputs(wildcards):
+    """Adapter folders of an adapter-space cell (group order), the base folder, local files."""
+    return PLAN.adapter_merge_inputs(_wc(wildcards))
+
+
 def get_recipe(wildcards):
     """The recipe template of the cell's method."""
     return PLAN.recipe(wildcards.method)
@@ -179,6 +187,11 @@ def get_card_payload(wildcards):
 def get_gguf_files(wildcards):
     """The cell's GGUF files (export.gguf), published with it; [] when none."""
     return PLAN.gguf_files(_wc(wildcards))
+
+
+def get_cell_adapter(wildcards):
+    """The merged adapter of an adapter-space cell (uploaded beside it), else []."""
+    return PLAN.cell_adapter(_wc(wildcards))
 
 
 def get_hub_receipts(wildcards):

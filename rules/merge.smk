@@ -12,6 +12,8 @@ rule merge:
         "logs/merge/{base}/{group}__{method}.log",
     benchmark:
         "benchmarks/merge/{base}/{group}__{method}.tsv"
+    wildcard_constraints:
+        method=WEIGHT_METHODS,
     conda:
         ENV
     threads: get_threads

@@ -16,6 +16,7 @@ rule upload:
         sources=get_hub_sources,
         card=get_card_payload,
         gguf=get_gguf_files,
+        adapter=get_cell_adapter,
     output:
         receipt=LAYOUT["receipt"],
         card=LAYOUT["card"],

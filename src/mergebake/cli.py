@@ -146,6 +146,18 @@ def cmd_merge(a: argparse.Namespace) -> None:
     print(json.dumps(res, indent=2, default=str))
 
 
+def cmd_adapter_merge(a: argparse.Namespace) -> None:
+    from .adapter_merge import cli_adapter_merge
+
+    cli_adapter_merge(a)
+
+
+def cmd_adapter_cell(a: argparse.Namespace) -> None:
+    from .adapter_cell import finish_adapter_cell
+
+    print(json.dumps(finish_adapter_cell(a.baked, a.base, a.adapter, a.out), indent=2))
+
+
 def cmd_verify(a: argparse.Namespace) -> None:
     from .verify import verify_checkpoint
 
@@ -236,6 +248,7 @@ DEVICE_HELP = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``mergebake`` with one subparser per stage."""
+    from . import adapter_merge as adapter_merge_cli
     from . import export as export_cli
     from . import fetch as fetch_cli
     from . import upload as upload_cli
@@ -350,6 +363,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--workers", type=int, help="stream engine workers (default: --threads)")
     sp.add_argument("--threads", type=int)
+
+    sp = add(
+        "adapter-merge",
+        cmd_adapter_merge,
+        "merge LoRA adapters into one adapter with PEFT's add_weighted_adapter (adapter space)",
+    )
+    adapter_merge_cli.add_adapter_merge_arguments(sp)
+
+    sp = add(
+        "adapter-cell",
+        cmd_adapter_cell,
+        "normalise and verify a base with a merged adapter baked in (adapter-space cell)",
+    )
+    sp.add_argument("--baked", type=Path, required=True, help="base + merged adapter, baked")
+    sp.add_argument("--base", type=Path, required=True, help="normalised base folder")
+    sp.add_argument("--adapter", type=Path, required=True, help="merged adapter folder")
+    sp.add_argument("--out", type=Path, required=True)
 
     sp = add("verify", cmd_verify, "verify a checkpoint against a reference checkpoint")
     sp.add_argument("--candidate", type=Path, required=True)

@@ -209,6 +209,54 @@ class Merge:
 
 
 @dataclass(frozen=True)
+class AdapterMerge:
+    """``mergebake adapter-merge``: PEFT's ``add_weighted_adapter`` over a cell's adapters
+    (adapter space); writes a PEFT adapter folder. ``weights`` is ``((adapter, w), ...)``
+    in group order; ``options`` the combination type's other options, ``((name, value),
+    ...)`` (``None``: unset)."""
+
+    adapters: tuple[tuple[str, str], ...]
+    out: str
+    combination_type: str
+    weights: tuple[tuple[str, float], ...]
+    options: tuple[tuple[str, Any], ...]
+    seed: int
+    base: str
+
+    def argv(self) -> list[str]:
+        opts: list[str] = []
+        for name, value in self.options:
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, bool):
+                opts.append(flag if value else "--no-" + flag[2:])
+            else:
+                opts += _opt(flag, value)
+        return [
+            *[PROG, "adapter-merge"],
+            *[a for name, p in self.adapters for a in ("--adapter", f"{name}={p}")],
+            *["--combination-type", self.combination_type],
+            *[a for name, w in self.weights for a in ("--weight", f"{name}={w!r}")],
+            *opts,
+            *["--seed", str(self.seed), "--base", self.base, "--out", self.out],
+        ]
+
+
+@dataclass(frozen=True)
+class AdapterCell:
+    """``mergebake adapter-cell``: normalise the base with the merged adapter baked in,
+    verify it against the normalised base, record that it was merged in adapter space."""
+
+    baked: str
+    base: str
+    adapter: str
+    out: str
+
+    def argv(self) -> list[str]:
+        return [PROG, "adapter-cell", "--baked", self.baked, "--base", self.base,
+                "--adapter", self.adapter, "--out", self.out]  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Eval:
     """``mergebake eval``: lm-eval on one checkpoint; the task list is a payload file."""
 
@@ -273,6 +321,7 @@ class Upload:
     private: bool = False
     gguf: tuple[str, ...] = ()  # the cell's GGUF files (a few types: not grid-sized)
     gguf_repo: str | None = None
+    adapter: str | None = None  # adapter-space cells: uploaded as <path_in_repo>/adapter/
 
     def argv(self) -> list[str]:
         return [
@@ -284,6 +333,7 @@ class Upload:
             *_flag("--private", self.private),
             *[a for f in self.gguf for a in ("--gguf", f)],
             *_opt("--gguf-repo", self.gguf_repo),
+            *_opt("--adapter-dir", self.adapter),
         ]
 
 
@@ -334,8 +384,9 @@ class HubReadme:
 
 
 Command = (
-    Pin | Fetch | DemoBase | DemoAdapter | DemoTasks | Bake | Normalise | Merge | Eval
-    | Report | Upload | HubReadme | GGUFTools | ExportGGUF | SelectCheckpoint
+    Pin | Fetch | DemoBase | DemoAdapter | DemoTasks | Bake | Normalise | Merge | AdapterMerge
+    | AdapterCell | Eval | Report | Upload | HubReadme | GGUFTools | ExportGGUF
+    | SelectCheckpoint
 )  # fmt: skip
 
 
@@ -427,6 +478,40 @@ def build(plan: Plan, rule: str, wc: dict[str, str] | Any) -> Command:
             engine=cfg["merge"]["engine"],
             selection=cfg["merge"]["selection"],
         )
+    if rule == "adapter_merge":
+        names = cfg["groups"][wc["group"]]
+        inputs = plan.adapter_merge_inputs(wc)
+        opts = plan.adapter_options(wc)
+        weights = opts.pop("weights")
+        return AdapterMerge(
+            adapters=tuple(zip(names, inputs["adapters"], strict=True)),
+            out=path("merged_adapter", **wc),
+            combination_type=opts.pop("combination_type"),
+            weights=tuple((a, weights[a]) for a in names),
+            options=tuple(opts.items()),
+            seed=cfg["seed"],
+            base=inputs["base"],
+        )
+    if rule == "bake_cell":
+        b = wc["base"]
+        return Bake(
+            base=plan.base_dir(b),
+            adapter=path("merged_adapter", **wc),
+            out=path("baked_cell", **wc),
+            engine=cfg["bake"]["engine"],
+            device=cfg["bake"]["device"],
+            expected_base=plan.expected_base(b),
+            strict_base_match=cfg["bake"]["strict_base_match"],
+            allow_pickle=False,  # the merged adapter is safetensors
+            trust_remote_code=cfg["trust_remote_code"],
+        )
+    if rule == "normalise_cell":
+        return AdapterCell(
+            baked=path("baked_cell", **wc),
+            base=path("text_base", base=wc["base"]),
+            adapter=path("merged_adapter", **wc),
+            out=path("merged", **wc),
+        )
     if rule in ("eval_cell", "eval_baseline"):
         e = cfg["eval"]
         model = path("merged", **wc) if rule == "eval_cell" else path("baseline_model", **wc)
@@ -488,6 +573,7 @@ def build(plan: Plan, rule: str, wc: dict[str, str] | Any) -> Command:
             private=hub["private"],
             gguf=tuple(gguf),
             gguf_repo=(cfg.get("export") or {}).get("gguf_repo") if gguf else None,
+            adapter=path("merged_adapter", **wc) if plan.is_adapter_cell(wc["method"]) else None,
         )
     if rule == "hub_readme":
         return HubReadme(

@@ -426,6 +426,14 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
     for cell in seen:
         groups_of.setdefault(points[cell.method].method, set()).add(cell.group)
     for mname, method in config["methods"].items():
+        if method_space(method) == "adapter":
+            _check_adapter_method(mname, method, groups_of.get(mname, set()), config, source)
+            continue
+        if "combination_type" in method:
+            raise ConfigError(
+                f"{source}: key 'methods.{mname}.combination_type' is a PEFT option of "
+                "adapter-space methods; add 'space: adapter' or remove it"
+            )
         recipe = recipe_path(method, mname, recipes_dir)
         if not recipe.is_file():
             raise ConfigError(
@@ -705,6 +713,117 @@ def _check_parameters(
                 f"{source}: key 'methods.{mname}': {spec.name} merges {want} adapter(s) "
                 f"but group {group!r} has {n}; use it with another group"
             )
+
+
+def method_space(method: Mapping[str, Any]) -> str:
+    """``weight`` (bake each adapter, then mergekit) or ``adapter`` (PEFT's
+    ``add_weighted_adapter`` over the adapters, then one bake) of a method's config."""
+    return method.get("space") or "weight"
+
+
+def _check_adapter_method(
+    mname: str, method: dict, groups: set[str], config: dict, source: str
+) -> None:
+    """Config-time checks of an adapter-space method (``space: adapter``): a PEFT
+    ``combination_type``, no recipe, only options that type uses (a per-adapter value only
+    for ``weight``, naming adapters of the method's groups), values in range, and the
+    options the type requires (``density`` for the pruning types). What needs the adapters
+    themselves (equal ranks, target kinds) is :func:`mergebake.preflight.check_adapter_cells`.
+    """
+    key = f"methods.{mname}"
+    if "recipe" in method:
+        raise ConfigError(
+            f"{source}: key '{key}.recipe': an adapter-space method has no mergekit recipe; "
+            "remove it (the merge is PEFT's add_weighted_adapter with combination_type)"
+        )
+    if "combination_type" not in method:
+        raise ConfigError(
+            f"{source}: key '{key}.combination_type' is required with space: adapter; "
+            f"choose one of {', '.join(methods.ADAPTER_METHODS)}"
+        )
+    try:
+        spec = methods.adapter_method(method["combination_type"], f"{key}.combination_type")
+    except MergebakeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    params = method.get("parameters", {})
+    allowed = {a for g in groups for a in config["groups"][g]}
+    for pname, value in params.items():
+        k = f"{key}.parameters.{pname}"
+        p = spec.param(pname)
+        if p is None:
+            raise ConfigError(
+                f"{source}: key {k!r}: combination_type {spec.name!r} does not use {pname!r} "
+                f"(its options: {', '.join(q.name for q in spec.params)}); remove it"
+            )
+        if isinstance(value, dict):
+            for adapter in value:
+                if groups and adapter not in allowed:
+                    raise ConfigError(
+                        f"{source}: key '{k}.{adapter}': adapter {adapter!r} is not in the "
+                        f"group(s) {sorted(groups)} that use method {mname!r} "
+                        f"(adapters: {sorted(allowed)})"
+                    )
+            if p.scope == "model":
+                for group in sorted(groups):
+                    missing = [a for a in config["groups"][group] if a not in value]
+                    if missing:
+                        raise ConfigError(
+                            f"{source}: key {k!r}: no value for adapter(s) {missing} of group "
+                            f"{group!r}; give one per adapter or a single number"
+                        )
+        for v in value.values() if isinstance(value, dict) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{source}: key {k!r}: {v} is not a finite number")
+    for p in spec.params:
+        if p.required and p.name not in params:
+            raise ConfigError(
+                f"{source}: key '{key}.parameters.{p.name}' is required by combination_type "
+                f"{spec.name!r} ({p.doc}); set it, e.g. {p.name}: 0.2"
+            )
+    try:
+        methods.check_parameters(spec, params, f"{key}.parameters")
+    except MergebakeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    for pname, values in (method.get("sweep") or {}).items():
+        p = spec.param(pname)
+        if p is None:
+            raise ConfigError(
+                f"{source}: key '{key}.sweep.{pname}': combination_type {spec.name!r} does not "
+                f"use {pname!r} (its options: {', '.join(q.name for q in spec.params)})"
+            )
+        for i, v in enumerate(values):
+            try:
+                methods.check_parameters(spec, {pname: v}, f"{key}.sweep")
+            except MergebakeError as e:
+                raise ConfigError(f"{source}: {e} (value {i} of {key}.sweep.{pname})") from None
+    for group in sorted(groups):
+        members = [a for a in config["groups"][group] if "@" in a]
+        if members:
+            raise ConfigError(
+                f"{source}: key 'groups.{group}': adapter-space method {mname!r} merges adapter "
+                f"folders, not checkpoint rows such as {members[0]!r}; name a fixed "
+                "checkpoint's adapter under 'adapters' or use a weight-space method"
+            )
+
+
+def adapter_options(config: Mapping[str, Any], cell: Cell) -> dict[str, Any]:
+    """Keyword arguments of :func:`mergebake.adapter_merge.merge_adapters` (and
+    ``check_adapters``) for an adapter-space cell: ``combination_type``, ``weights``
+    (``{adapter: float}`` in group order; a scalar applies to every adapter; default 1.0)
+    and each option the type uses, its table default where the config gives none."""
+    method = config["methods"][all_method_points(config)[cell.method].method]
+    spec = methods.adapter_method(method["combination_type"])
+    params = cell_parameters(config, cell)
+    adapters = config["groups"][cell.group]
+    w = params.get("weight", 1.0)
+    out: dict[str, Any] = {
+        "combination_type": spec.name,
+        "weights": {a: float(w[a] if isinstance(w, dict) else w) for a in adapters},
+    }
+    for p in spec.params:
+        if p.name != "weight":
+            out[p.name] = params.get(p.name, p.default)
+    return out
 
 
 def recipe_method(recipe: Path) -> str | None:

@@ -276,6 +276,21 @@ def _loading_snippet(repo: str, path_in_repo: str) -> str:
     )
 
 
+def _adapter_snippet(base_repo: str | None, repo: str, path_in_repo: str, sub: str) -> str:
+    base = base_repo or "<the base model>"
+    return "\n".join(
+        [
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+            f'model = PeftModel.from_pretrained(base, "{repo}", subfolder="{path_in_repo}/{sub}")',
+            "```",
+        ]
+    )
+
+
 def _commit_cell(commit: str | None) -> str:
     return f"`{commit[:12]}`" if commit else "–"
 
@@ -372,6 +387,9 @@ def build_cell_card(cell_dir: Path, spec: dict[str, Any], summary: dict[str, Any
         eval_results=results or None,
     )
     adapters = spec["adapters"]
+    space = spec.get("adapter_space")
+    if space:
+        return _adapter_space_card(cell_dir, spec, summary, data, base, space)
     lines = [
         f"# {path}",
         "",
@@ -389,7 +407,80 @@ def build_cell_card(cell_dir: Path, spec: dict[str, Any], summary: dict[str, Any
     ]
     if spec.get("private"):
         lines += ["The repo is private: log in first (`hf auth login`, or set `HF_TOKEN`).", ""]
-    lines += ["## Sources", ""]
+    lines += _sources_and_scores(spec, summary, base)
+    lines += _gguf_section(spec)
+    recipe = render_recipe(cell_dir, spec)
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        f"The rendered mergekit recipe (`{cell['method']}`); `{spec['base']['name']}+"
+        "<adapter>` stands for the base with that adapter baked in.",
+        *_engine_lines(cell_dir),
+        "",
+        "```yaml",
+        recipe.rstrip("\n"),
+        "```",
+        "",
+    ]
+    body = "\n".join(lines)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def _adapter_space_card(cell_dir, spec, summary, data, base, space):
+    """The card of an adapter-space cell: the merged adapter and the merged model, and how
+    to load either (:func:`build_cell_card`)."""
+    from huggingface_hub import ModelCard
+
+    cell, repo, path = spec["cell"], spec["repo"], spec["path_in_repo"]
+    data.tags = ["peft" if t == "mergekit" else t for t in data.tags]  # PEFT merged it
+    sub = space.get("subfolder", "adapter")
+    options = {k: v for k, v in space.items() if k not in ("subfolder", "combination_type")}
+    lines = [
+        f"# {path}",
+        "",
+        f"`{cell['group']}` ({' + '.join(a['name'] for a in spec['adapters'])}) merged in "
+        f"adapter space with `{cell['method']}`: PEFT's `add_weighted_adapter` "
+        f'(`combination_type="{space["combination_type"]}"`) merges the LoRA adapters into '
+        f"one adapter (`{sub}/`), which is then baked into the {cell['size']}-"
+        f"{cell['variant']} base (W' = W + scale·B·A) and normalised to the text-only "
+        "causal-LM layout (this folder). Built by mergebake; one folder of "
+        f"[{repo}]({hub_url(repo)}).",
+        "",
+        "## Loading",
+        "",
+        "The merged model:",
+        "",
+        _loading_snippet(repo, path),
+        "",
+        f"Or the merged adapter (`{sub}/`) on the base, with PEFT:",
+        "",
+        _adapter_snippet(base["repo"], repo, path, sub),
+        "",
+    ]
+    if spec.get("private"):
+        lines += ["The repo is private: log in first (`hf auth login`, or set `HF_TOKEN`).", ""]
+    lines += _sources_and_scores(spec, summary, base)
+    lines += _gguf_section(spec)
+    lines += [
+        "",
+        "## Merge",
+        "",
+        f"PEFT `add_weighted_adapter`, `combination_type={space['combination_type']}`:",
+        "",
+        "```json",
+        json.dumps(options, indent=2, sort_keys=True),
+        "```",
+        "",
+    ]
+    body = "\n".join(lines)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def _sources_and_scores(spec: dict[str, Any], summary: dict[str, Any], base: dict) -> list[str]:
+    """The card's Sources and Evaluation sections, as lines."""
+    adapters = spec["adapters"]
+    lines = ["## Sources", ""]
     rows = [
         [
             "base",
@@ -468,23 +559,7 @@ def build_cell_card(cell_dir: Path, spec: dict[str, Any], summary: dict[str, Any
             ]
     else:
         lines.append("No scores.")
-    lines += _gguf_section(spec)
-    recipe = render_recipe(cell_dir, spec)
-    lines += [
-        "",
-        "## Recipe",
-        "",
-        f"The rendered mergekit recipe (`{cell['method']}`); `{spec['base']['name']}+"
-        "<adapter>` stands for the base with that adapter baked in.",
-        *_engine_lines(cell_dir),
-        "",
-        "```yaml",
-        recipe.rstrip("\n"),
-        "```",
-        "",
-    ]
-    body = "\n".join(lines)
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    return lines
 
 
 def _engine_lines(cell_dir: Path) -> list[str]:

@@ -5,7 +5,8 @@ The config itself is validated when the workflow is parsed (:func:`mergebake.con
 load_config`). :func:`preflight` adds what needs the file system or the environment:
 local bases and adapters exist; each local adapter fits its base (``base_model_name_or_
 path``, target modules and LoRA shapes, from headers only; see
-:func:`mergebake.bake.preflight`); a Hub token is available when publishing is on; and the
+:func:`mergebake.bake.preflight`); the adapters of each adapter-space cell can be merged by
+PEFT (:func:`check_adapter_cells`); a Hub token is available when publishing is on; and the
 disk holds the outputs still to be built. Every problem is collected, then raised together
 as one :class:`PreflightError` that names each config key or file.
 """
@@ -153,6 +154,44 @@ def check_gguf_support(
     return problems, notes
 
 
+def check_adapter_cells(config: Mapping[str, Any], workdir: str | Path = ".") -> list[str]:
+    """Check every adapter-space cell whose adapters are all on disk with
+    :func:`mergebake.adapter_merge.check_adapters` (adapter configs and safetensors headers
+    only: what PEFT's ``add_weighted_adapter`` refuses, such as unequal ranks for the
+    non-SVD types or a regex ``target_modules`` mixed with a list).
+
+    Local adapters exist when the workflow is parsed, so their mistakes stop even a dry
+    run; fetched or generated ones are checked once on disk (the ``adapter_merge`` job
+    checks again before it reads a tensor, and runs first: it has a high priority).
+    Returns the cells checked (``<base>/<group>__<method>``). Raises
+    :class:`mergebake.config.ConfigError` naming ``methods.<method>`` and the cell.
+    """
+    from .adapter_merge import check_adapters
+    from .config import ConfigError, adapter_options
+    from .workflow import Plan
+
+    workdir = Path(workdir)
+    plan = Plan(config)
+    checked = []
+    for cell in plan.cells:
+        if not plan.is_adapter_cell(cell.method):
+            continue
+        folders = {
+            a: workdir / plan.adapter_dir(cell.base, a) for a in config["groups"][cell.group]
+        }
+        if not all(f.is_dir() for f in folders.values()):
+            continue
+        try:
+            check_adapters(folders, **adapter_options(config, cell))
+        except MergebakeError as e:
+            raise ConfigError(
+                f"key 'methods.{cell.method}' (cell {cell.path_in_repo}): PEFT cannot merge "
+                f"these adapters: {e}"
+            ) from None
+        checked.append(cell.path_in_repo)
+    return checked
+
+
 def preflight(
     config: Mapping[str, Any],
     *,
@@ -184,6 +223,10 @@ def preflight(
     from .workflow import PathSource, Plan
 
     plan = Plan(config)
+    try:
+        check_adapter_cells(config, workdir)
+    except MergebakeError as e:
+        (notes if keep_going else problems).append(str(e))
     for base in plan.bases:
         src = plan.base_sources[base]
         base_dir = Path(src.path) if isinstance(src, PathSource) else workdir / plan.base_dir(base)

@@ -140,6 +140,10 @@ MODELS: dict[str, Model] = {
     "normalise_baked": Model(2000, 1536, 5, 0.5, 100, 1075, sized_by="shard"),
     # mergekit (lazy per-tensor, output buffered up to a shard) + verification; × method
     "merge": Model(4000, 1024, 10, 2, 200, 1100, gb_per_thread=4, max_threads=8, gpu=True),
+    # adapter space: PEFT's add_weighted_adapter over a skeleton of the targeted modules
+    # (adapter tensors only, never the base's weights); then normalise + verify the bake
+    "adapter_merge": Model(3000, 0, 15, 0, 200, 0, sized_by="none"),
+    "normalise_cell": Model(3000, 1280, 10, 1, 100, 1075),
     # lm-eval's hf model: the whole model in memory (× eval dtype / stored dtype)
     "eval_cell": Model(4000, 1280, 30, 10, 500, 0, gb_per_thread=2, max_threads=16, gpu=True),
     "eval_baseline": Model(4000, 1280, 30, 10, 500, 0, gb_per_thread=2, max_threads=16, gpu=True),

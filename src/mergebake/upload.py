@@ -34,7 +34,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +232,7 @@ def upload_cell(
     api: Any = None,
     gguf: Sequence[str | os.PathLike] = (),
     gguf_repo: str | None = None,
+    subfolders: Mapping[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Publish ``cell_dir`` (plus model card ``card`` as README.md) to ``repo/path_in_repo``.
 
@@ -250,8 +251,12 @@ def upload_cell(
     every file / none); ``unchanged`` is true when the Hub already held exactly these files
     and no commit was made (``commit`` is then the last commit that changed them).
 
-    Raises :class:`MergebakeError` when ``cell_dir`` is missing, ``repo`` is unset while
-    enabled, a public repo would receive a private cell, or the upload fails (after
+    ``subfolders`` maps a folder name to a local folder published beside the model under
+    ``<path_in_repo>/<name>/`` (an adapter-space cell's merged adapter: ``{"adapter":
+    results/adapters/...}``); its files are in the manifest as ``<name>/<file>``.
+
+    Raises :class:`MergebakeError` when ``cell_dir`` or a subfolder is missing, ``repo``
+    is unset while enabled, a public repo would receive a private cell, or the upload fails (after
     retrying transient failures; see :func:`mergebake.hub.with_retries`).
     """
     cell_dir, receipt = Path(cell_dir), Path(receipt)
@@ -260,6 +265,13 @@ def upload_cell(
     if enabled and not repo:
         raise MergebakeError("hub.repo is not set; name the results repo (owner/name)")
     files = payload_files(cell_dir)
+    for name, folder in (subfolders or {}).items():
+        if not Path(folder).is_dir():
+            raise MergebakeError(f"{folder}: folder to upload as {name}/ not found; build it")
+        clash = [rel for rel in files if rel.split("/")[0] == name]
+        if clash:
+            raise MergebakeError(f"{cell_dir}: already holds {clash[0]}; cannot add {name}/")
+        files.update({f"{name}/{rel}": p for rel, p in payload_files(Path(folder)).items()})
     gguf_files = {}
     for f in gguf:
         gguf_files[Path(f).name] = Path(f)
@@ -560,6 +572,7 @@ def cli_upload(a) -> None:
         retries=a.retries,
         gguf=a.gguf or (),
         gguf_repo=a.gguf_repo or None,
+        subfolders={"adapter": a.adapter_dir} if getattr(a, "adapter_dir", None) else None,
     )
     print(
         json.dumps(
@@ -645,6 +658,11 @@ def add_upload_arguments(sp) -> None:
     )
     sp.add_argument(
         "--gguf-repo", help="separate Hub repo (owner/name) for the GGUF files (export.gguf_repo)"
+    )
+    sp.add_argument(
+        "--adapter-dir",
+        type=Path,
+        help="merged adapter folder of an adapter-space cell, uploaded as <path>/adapter/",
     )
 
 

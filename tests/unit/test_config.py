@@ -40,11 +40,12 @@ def cfg(**changes):
 DELETE = object()
 
 
-def test_demo_config_expands_to_the_14_cell_grid():
+def test_demo_config_expands_to_the_14_cell_grid_plus_two_adapter_space_cells():
     c = load_config(ROOT / "config.yaml")
     cells = expand_grid(c)
-    assert len(cells) == 14
-    assert len(set(cells)) == 14
+    assert len(cells) == 16
+    assert len(set(cells)) == 16
+    assert sorted(c.base for c in cells if c.method == "ties-adapter") == ["1b-open", "1b-std"]
     assert {c.base for c in cells} == {
         "1b-std",
         "1b-open",

@@ -291,3 +291,28 @@ def test_card_says_which_engine_and_selection_made_the_cell(tmp_path):
     prov.write_text(json.dumps({"params": {"engine": "mergekit", "selection": "fast"}}))
     line = _engine_lines(tmp_path)[1]
     assert line.startswith("Merged by mergekit.") and "fast selection" in line
+
+
+def test_adapter_space_card_says_how_to_load_the_model_and_the_adapter(work):
+    space = {
+        "subfolder": "adapter",
+        "combination_type": "ties",
+        "weights": {"eng": 1.0, "nob": 1.0},
+        "density": 0.5,
+        "majority_sign_method": "total",
+    }
+    spec = dict(work["spec"], adapter_space=space)
+    summary = cell_scores(work["scores"], None, None, None)
+    text = build_cell_card(work["cell"], spec, summary).text
+    path = spec["path_in_repo"]
+    assert f'AutoModelForCausalLM.from_pretrained("org/merges", subfolder="{path}")' in text
+    base = build_cell_card(work["cell"], spec, summary).data.to_dict()["base_model"]
+    assert f'base = AutoModelForCausalLM.from_pretrained("{base}")' in text
+    assert (
+        f'model = PeftModel.from_pretrained(base, "org/merges", subfolder="{path}/adapter")'
+    ) in text
+    assert 'add_weighted_adapter` (`combination_type="ties"`)' in text
+    assert '"density": 0.5' in text and "## Recipe" not in text
+    assert "| demo_eng | acc | 0 | 0.900 | – | – |" in text  # scores as for any cell
+    tags = build_cell_card(work["cell"], spec, summary).data.to_dict()["tags"]
+    assert "peft" in tags and "mergekit" not in tags

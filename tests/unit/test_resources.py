@@ -148,12 +148,14 @@ def test_preflight_disk_estimate_uses_the_same_estimator(tmp_path):
     from mergebake.preflight import disk_needed
 
     config = load_config(write_config(tmp_path / "config.yaml", demo_config()))
-    assert disk_needed(config, tmp_path) == (6 * (1 + 1 + 2 * 2) + 14) * R.DEMO_BYTES
+    # + 16 cells, and the bakes of the two adapter-space cells (1b: eng-nob__ties-adapter)
+    assert disk_needed(config, tmp_path) == (6 * (1 + 1 + 2 * 2) + 16 + 2) * R.DEMO_BYTES
     config["bases"] = {
         name: {"hub": {"repo": f"org/{name}", "revision": "main"}} for name in config["bases"]
     }
     gb = R.SIZE_BYTES  # 1b, 4b: 6 checkpoints + 3 merges per base; 12b: 6 + 1 (ties)
-    want = 2 * (9 * gb["1b"] + 9 * gb["4b"] + 7 * gb["12b"])
+    # 1b also: the adapter-space cell (eng-nob__ties-adapter) and its bake
+    want = 2 * (11 * gb["1b"] + 9 * gb["4b"] + 7 * gb["12b"])
     assert disk_needed(config, tmp_path) == want
 
 

@@ -50,7 +50,7 @@ def test_one_base_row_name_everywhere():
 
 def test_demo_plan_names_and_layout():
     p = plan()
-    assert len(p.cells) == 14 and len(p.bases) == 6
+    assert len(p.cells) == 16 and len(p.bases) == 6
     assert p.bases_from("demo") == p.bases and p.bases_from("hub") == []
     assert p.adapters == {b: ["eng", "nob"] for b in p.bases}
     assert p.base_dir("4b-std") == "resources/bases/4b-std"
@@ -67,13 +67,13 @@ def test_demo_plan_names_and_layout():
         "results/report/method_ranking.png",
     ]
     assert p.final_outputs()[-1] == LAYOUT["hub_readme_receipt"] == "results/uploaded/README.json"
-    assert len(p.final_outputs()) == 5 + 14 + 1
+    assert len(p.final_outputs()) == 5 + 16 + 1
 
 
 def test_report_rows_cover_cells_and_baselines_sorted():
     p = plan()
     rows = p.report_rows()
-    assert len(rows) == 14 + 6 * 3
+    assert len(rows) == 16 + 6 * 3
     assert rows == sorted(rows, key=lambda r: (r["base"], r["kind"], r["name"]))
     first = rows[0]
     assert first == {
@@ -141,7 +141,7 @@ def test_hub_sources_pins_meta_and_card_dirs():
     wc = {"base": "1b-std", "group": "eng-nob", "method": "linear"}
     assert p.hub_source_dirs(wc) == ["resources/bases/1b-std", "resources/adapters/1b-std/eng"]
     rows = p.hub_readme_rows()
-    assert len(rows) == 14 and rows[0]["receipt"].startswith("results/uploaded/")
+    assert len(rows) == 16 and rows[0]["receipt"].startswith("results/uploaded/")
 
 
 def test_local_sources_list_their_files(tmp_path):
@@ -186,7 +186,7 @@ def test_disk_needed_counts_only_missing_outputs(tmp_path):
     p = plan()
     each = resources.estimate("1b", {"demo": {}}).total
     per_base = 1 + 1 + 2 * 2  # fetched/generated base, normalised base, baked+text per adapter
-    cells = len(p.cells)
+    cells = len(p.cells) + 2  # an adapter-space cell also writes its bake (2 such cells)
     assert p.disk_needed(tmp_path) == each * (per_base * 6 + cells)
     (tmp_path / "results/merged/1b-std/eng-nob__ties").mkdir(parents=True)
     (tmp_path / "results/text/1b-std/_base").mkdir(parents=True)
@@ -207,11 +207,14 @@ def test_jobs_of_the_demo_grid():
         "normalise_base": 6,
         "eval_baseline": 18,
         "merge": 14,
-        "eval_cell": 14,
-        "upload": 14,
+        "adapter_merge": 2,  # eng-nob__ties-adapter at 1b-std and 1b-open
+        "bake_cell": 2,
+        "normalise_cell": 2,
+        "eval_cell": 16,
+        "upload": 16,
         "report": 1,
         "hub_readme": 1,
-        "payload": 4 + 14,
+        "payload": 4 + 16,
     }
 
 

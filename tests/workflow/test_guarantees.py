@@ -29,8 +29,10 @@ def test_every_output_folder_has_provenance(demo):
         *demo.glob("results/baked/*/*"),
         *demo.glob("results/text/*/*"),
         *demo.glob("results/merged/*/*"),
+        *demo.glob("results/adapters/*/*"),
     ]
-    assert len(folders) == 6 + 12 + 1 + 12 + 18 + 14
+    # + the 2 adapter-space cells: their bakes (results/baked), merged adapters, cells
+    assert len(folders) == 6 + 12 + 1 + 12 + 2 + 18 + 16 + 2
     for f in folders:
         prov = json.loads((f / "provenance.json").read_text())
         assert {"step", "inputs", "params", "command", "packages", "seed"} <= set(prov), f

@@ -271,7 +271,7 @@ def test_demo_publishes_to_the_fake_hub_and_republishes_only_changed_cells(
     cells = sorted(
         p.relative_to(wd / "results/merged").as_posix() for p in (wd / "results/merged").glob("*/*")
     )
-    assert len(cells) == 14
+    assert len(cells) == 16
 
     # Turning publishing on reruns only the uploads and the repo README.
     jobs = planned_jobs(wd, config)
@@ -282,7 +282,7 @@ def test_demo_publishes_to_the_fake_hub_and_republishes_only_changed_cells(
 
     hist = hub.history(REPO)
     assert hub.is_private(REPO)
-    assert len(hist) == 1 + 14 + 1  # initial, one commit per cell, the README
+    assert len(hist) == 1 + 16 + 1  # initial, one commit per cell, the README
     by_cell = {}
     for c in hist[1:-1]:
         path = c["summary"].split()[1].rstrip(":")

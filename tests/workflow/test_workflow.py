@@ -1,5 +1,6 @@
-"""The main job end to end: the 14-cell demo grid built by `snakemake --cores 2`, and the
-exact set of jobs each kind of change schedules afterwards (staleness)."""
+"""The main job end to end: the 16-cell demo grid (14 weight-space, 2 adapter-space) built
+by `snakemake --cores 2`, and the exact set of jobs each kind of change schedules afterwards
+(staleness)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ CELLS = sorted(
         for m in ("linear", "task_arithmetic", "ties")
     ]
     + [(f"12b-{v}", "eng-nob__ties") for v in ("std", "open")]
+    + [(f"1b-{v}", "eng-nob__ties-adapter") for v in ("std", "open")]  # adapter space
 )
+ADAPTER_CELLS = [c for c in CELLS if c[1].endswith("__ties-adapter")]
 
 
 @pytest.fixture
@@ -34,12 +37,22 @@ def copy_of(demo, tmp_path) -> Path:
     return wd
 
 
-def test_demo_builds_14_verified_cells(demo):
+def test_demo_builds_16_verified_cells(demo):
     merged = sorted((p.parent.name, p.name) for p in (demo / "results/merged").glob("*/*"))
     assert merged == CELLS
     for base, cell in CELLS:
         d = demo / "results/merged" / base / cell
         prov = json.loads((d / "provenance.json").read_text())
+        if (base, cell) in ADAPTER_CELLS:
+            assert prov["step"] == "adapter-cell" and prov["params"]["space"] == "adapter"
+            assert prov["params"]["combination_type"] == "ties"
+            assert prov["params"]["adapter_merge"]["density"] == 0.5
+            receipt = json.loads((demo / "results/uploaded" / base / f"{cell}.json").read_text())
+            assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(
+                receipt["files"]
+            )
+            assert set(receipt["files"]) >= {"config.json", "model.safetensors"}
+            continue
         assert prov["step"] == "merge"
         assert prov["params"]["recipe"]["merge_method"] == cell.split("__")[1]
         assert prov["params"]["recipe"]["base_model"] == str(
@@ -62,7 +75,8 @@ def test_demo_report_shows_each_adapter_teaching_its_skill(demo):
         rows = list(csv.DictReader(fh))
     by = {(r["size"] + "-" + r["variant"], r["name"]): r for r in rows}
     assert {n for _, n in by} >= {"_base", "eng", "nob", "eng-nob__ties"}
-    assert len([r for r in rows if r["kind"] == "merge"]) == 14
+    assert len([r for r in rows if r["kind"] == "merge"]) == 16
+    assert {b for b, n in by if n == "eng-nob__ties-adapter"} == {"1b-std", "1b-open"}
     for base in {b for b, _ in CELLS}:
         for skill in ("eng", "nob"):
             col = f"demo_{skill}/acc"
@@ -112,6 +126,42 @@ def test_changing_ties_density_reschedules_only_ties_cells(copy_of):
     jobs = planned_jobs(copy_of, write_config(copy_of / "changed.yaml", cfg))
     ties = [c for c in CELLS if c[1].endswith("__ties")]
     assert jobs == _merge_jobs(ties) | REPORT
+
+
+def _adapter_cell_jobs(cells):
+    jobs = set()
+    for base, cell in cells:
+        jobs |= {
+            ("adapter_merge", f"results/adapters/{base}/{cell}"),
+            ("bake_cell", f"results/baked/{base}/{cell}"),
+            ("normalise_cell", f"results/merged/{base}/{cell}"),
+            ("eval_cell", f"results/eval/{base}/{cell}.json"),
+            ("upload", f"results/uploaded/{base}/{cell}.json"),
+        }
+    return jobs
+
+
+def test_adding_an_adapter_space_cell_schedules_only_its_chain(copy_of):
+    cfg = demo_config()
+    cfg["grid"].append(
+        {"sizes": ["4b"], "variants": ["std"], "groups": ["eng-nob"], "methods": ["ties-adapter"]}
+    )
+    jobs = planned_jobs(copy_of, write_config(copy_of / "changed.yaml", cfg))
+    cell = ("4b-std", "eng-nob__ties-adapter")
+    assert jobs == _adapter_cell_jobs([cell]) | REPORT | {
+        ("payload", "results/payloads/cards/4b-std/eng-nob__ties-adapter.json"),
+        ("payload", "results/payloads/report_rows.json"),
+        ("payload", "results/payloads/hub_readme_rows.json"),
+    }
+
+
+def test_changing_the_adapter_space_density_reschedules_only_its_chain(copy_of):
+    cfg = demo_config()
+    cfg["methods"]["ties-adapter"]["parameters"]["density"] = 0.7
+    jobs = planned_jobs(copy_of, write_config(copy_of / "changed.yaml", cfg))
+    assert jobs == _adapter_cell_jobs(ADAPTER_CELLS) | REPORT | {
+        ("payload", f"results/payloads/cards/{b}/{c}.json") for b, c in ADAPTER_CELLS
+    }
 
 
 def test_changing_one_linear_weight_reschedules_only_linear_cells(copy_of):

@@ -25,6 +25,11 @@ LAYOUT: dict[str, str] = {
     "text": "results/text/{base}/{adapter}",
     "baseline_model": "results/text/{base}/{row}",
     "merged": "results/merged/{base}/{group}__{method}",
+    # adapter-space cells (methods with space: adapter): the merged PEFT adapter, and the
+    # base with it baked in (before normalisation). A cell name holds "__", which no
+    # adapter name may, so "baked_cell" never collides with "baked".
+    "merged_adapter": "results/adapters/{base}/{group}__{method}",
+    "baked_cell": "results/baked/{base}/{group}__{method}",
     # scores and the report
     "eval_cell": "results/eval/{base}/{group}__{method}.json",
     "eval_baseline": "results/eval/{base}/{row}.json",

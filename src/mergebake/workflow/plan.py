@@ -25,6 +25,7 @@ from ..config import (
     ROOT,
     Cell,
     adapter_checkpoints,
+    adapter_options,
     adapter_rows,
     all_method_points,
     block_tasks,
@@ -33,6 +34,7 @@ from ..config import (
     gguf_types,
     grid_cells,
     member_rows,
+    method_space,
     recipe_path,
     split_member,
 )
@@ -64,6 +66,8 @@ CHECKPOINT_OF = {
     "normalise_base": "base",
     "normalise_baked": "baked",
     "merge": "text_base",
+    "bake_cell": "base",
+    "normalise_cell": "baked_cell",
     "eval_cell": "merged",
     "eval_baseline": "baseline_model",
     "upload": "merged",
@@ -301,6 +305,34 @@ class Plan:
         m = self.points[method].method
         return str(recipe_path(self.config["methods"][m], m, self.workflow_dir / "recipes"))
 
+    def is_adapter_cell(self, method: str) -> bool:
+        """True when ``method`` (a method or sweep point name) merges in adapter space
+        (``space: adapter``)."""
+        m = self.points[method].method
+        return method_space(self.config["methods"][m]) == "adapter"
+
+    def methods_of_space(self, space: str) -> list[str]:
+        """Every ``{method}`` name (methods and their sweep points) of ``space``
+        (``weight`` or ``adapter``)."""
+        return [n for n in self.points if self.is_adapter_cell(n) == (space == "adapter")]
+
+    def adapter_merge_inputs(self, wc: Wildcards) -> dict[str, Any]:
+        """Named inputs of an adapter-space merge: the group's adapter folders (group
+        order), the base folder (only its ``config.json`` is read: PEFT's module order),
+        and the files of local adapters."""
+        base = wc["base"]
+        adapters = [self.adapter_dir(base, a) for a in self.config["groups"][wc["group"]]]
+        files = []
+        for a, folder in zip(self.config["groups"][wc["group"]], adapters, strict=True):
+            if isinstance(self.adapter_sources[(base, a)], PathSource):
+                files += local_files(folder)
+        return dict(adapters=adapters, base=self.base_dir(base), files=files)
+
+    def adapter_options(self, wc: Wildcards) -> dict[str, Any]:
+        """The PEFT options of an adapter-space cell
+        (:func:`mergebake.config.adapter_options`)."""
+        return adapter_options(self.config, self.cell(wc))
+
     def cell_parameters(self, wc: Wildcards) -> dict[str, Any]:
         """The cell's method parameters (per-adapter mappings restricted to its group)."""
         return cell_parameters(self.config, self.cell(wc))
@@ -518,12 +550,21 @@ class Plan:
         base, adapters = self._card_entries(wc)
         return [e["dir"] for e in [base, *adapters] if e["dir"]]
 
+    def cell_adapter(self, wc: Wildcards) -> list[str]:
+        """``[merged adapter folder]`` of an adapter-space cell (published beside the model
+        as ``<cell>/adapter/``), else ``[]``."""
+        return [path("merged_adapter", **wc)] if self.is_adapter_cell(wc["method"]) else []
+
     def card_spec(self, wc: Wildcards) -> dict[str, Any]:
         """The model card spec of a cell (see :mod:`mergebake.modelcard`)."""
         c = self.cell(wc)
         base, adapters = self._card_entries(wc)
         row = self.baseline_row(c.base)
+        extra = {}
+        if self.is_adapter_cell(c.method):  # only then: other cells' specs stay as they were
+            extra["adapter_space"] = dict(subfolder="adapter", **self.adapter_options(wc))
         spec = dict(
+            **extra,
             cell=dict(size=c.size, variant=c.variant, group=c.group, method=c.method),
             base=base,
             adapters=adapters,
@@ -672,7 +713,12 @@ class Plan:
             yield "gguf_tools", {}
         for c in self.cells:
             wc = {"base": c.base, "group": c.group, "method": c.method}
-            yield "merge", wc
+            if self.is_adapter_cell(c.method):
+                yield "adapter_merge", wc
+                yield "bake_cell", wc
+                yield "normalise_cell", wc
+            else:
+                yield "merge", wc
             yield "eval_cell", wc
             for t in self.gguf.get(c, []):
                 yield "export_gguf", {**wc, "type": t}
@@ -717,13 +763,14 @@ class Plan:
 
     def resource_model(self, rule: str) -> str:
         """The rule's resource model: a bake's depends on its engine."""
-        if rule == "bake" and self.config["bake"].get("engine") == "stream":
-            return "bake_stream"
+        if rule in ("bake", "bake_cell"):
+            return "bake_stream" if self.config["bake"].get("engine") == "stream" else "bake"
         return rule
 
     def device(self, rule: str) -> str:
         """The device a job computes on: the bake's own, else the merge and eval one."""
-        return self.config["bake"]["device"] if rule == "bake" else self.config["device"]
+        bakes = ("bake", "bake_cell")
+        return self.config["bake"]["device"] if rule in bakes else self.config["device"]
 
     def job_resources(
         self,
@@ -755,7 +802,8 @@ class Plan:
         """Upper estimate, in bytes, of what the outputs not yet under ``workdir`` take.
 
         Counts a fetched copy of each missing base, a baked and a normalised checkpoint per
-        missing (base, adapter), a normalised base and a merged checkpoint per missing cell,
+        missing (base, adapter), a normalised base and a merged checkpoint per missing cell
+        (an adapter-space cell also its baked checkpoint),
         each the size of its base (:func:`mergebake.resources.estimate`; a base whose size
         nothing tells counts 0, so an unknown size name never fails the disk check).
         With ``temp_intermediates`` the baked and normalised checkpoints are deleted as the
@@ -777,6 +825,8 @@ class Plan:
             for c in self.cells_of[base]:
                 wc = dict(base=base, group=c.group, method=c.method)
                 missing.append(not (workdir / path("merged", **wc)).exists())
+                if self.is_adapter_cell(c.method):  # its bake (the adapter is small)
+                    missing.append(not (workdir / path("baked_cell", **wc)).exists())
             total += nbytes * sum(missing)
         return total
 
