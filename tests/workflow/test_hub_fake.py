@@ -298,17 +298,21 @@ def test_demo_publishes_to_the_fake_hub_and_republishes_only_changed_cells(
         receipt = json.loads((wd / f"results/uploaded/{c}.json").read_text())
         assert receipt["dry_run"] is False and receipt["commit"] == by_cell[c]["oid"]
         assert receipt["url"].endswith(f"/{REPO}/commit/{by_cell[c]['oid']}")
+        adapter_space = c.endswith("__ties-adapter")  # its merged adapter goes up too
+        assert any(n.startswith("adapter/") for n in receipt["files"]) == adapter_space
         for name in receipt["files"]:
-            local = (
-                wd / "results/cards" / f"{c}.md"
-                if name == "README.md"
-                else wd / "results/merged" / c / name
-            )
+            if name == "README.md":
+                local = wd / "results/cards" / f"{c}.md"
+            elif name.startswith("adapter/"):
+                local = wd / "results/adapters" / c / name.removeprefix("adapter/")
+            else:
+                local = wd / "results/merged" / c / name
             assert files[f"{c}/{name}"] == local.read_bytes()
         card_text = files[f"{c}/README.md"].decode()
         assert card_text == (wd / f"results/cards/{c}.md").read_text()
         card = ModelCard(card_text)
-        assert card.data.tags == ["merge", "mergekit", "lora", c.split("__")[1]]
+        engine = "peft" if adapter_space else "mergekit"
+        assert card.data.tags == ["merge", engine, "lora", c.split("__")[1]]
         assert card.data.license == "apache-2.0" and card.data.language == ["en", "nb"]
         assert card.data.eval_results and "Δ" in card.text
     readme = files["README.md"].decode()

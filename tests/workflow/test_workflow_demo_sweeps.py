@@ -40,6 +40,6 @@ def test_the_sweep_demo_builds_its_curves_and_selects_a_checkpoint(tmp_path):
         # the curve is real: one training step is not yet the learnt skill
         assert scores[1] < best
         by_name = {r["name"]: r for r in rows if r["size"] + "-" + r["variant"] == base}
-        assert float(by_name[f"eng@{sel['selected']}"][eng]) == best
+        assert float(by_name[f"eng@{sel['choice']}"][eng]) == best
         swept = sorted(n for n in by_name if n.startswith("eng-nob__ties.density-"))
         assert len(swept) == 5
