@@ -351,16 +351,8 @@ def base_config(arch: str, num_layers: int):
     if arch in GEMMA4_ARCHES:
         return _gemma4_config(arch, num_layers)
     text = Gemma3TextConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
+        **_text_shape(num_layers),
         query_pre_attn_scalar=32,
-        max_position_embeddings=MAX_POSITIONS,
-        sliding_window=32,
         layer_types=_layer_types(num_layers),
         pad_token_id=PAD_ID,
         eos_token_id=EOS_ID,
@@ -397,6 +389,22 @@ def base_config(arch: str, num_layers: int):
     return config
 
 
+def _text_shape(num_layers: int) -> dict:
+    """The text model's shapes every demo family shares (Gemma-3 and Gemma-4): hidden 64,
+    MLP 128, 2 query heads and 1 KV head of dim 32, sliding window 32."""
+    return dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=MAX_POSITIONS,
+        sliding_window=32,
+    )
+
+
 def _gemma4_config(arch: str, num_layers: int):
     """The ``Gemma4Config`` of a ``gemma4`` or ``gemma4-e`` demo base: the Gemma-3 demo's
     text shapes (hidden 64, MLP 128, 2 query heads and 1 KV head of dim 32, global layers
@@ -413,17 +421,10 @@ def _gemma4_config(arch: str, num_layers: int):
         layer_types[-1] = "full_attention"
     else:
         layer_types = _layer_types(num_layers)
+        layer_types[-1] = "full_attention"  # Gemma-4 requires a global last layer
     text = Gemma4TextConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
+        **_text_shape(num_layers),
         global_head_dim=32,
-        max_position_embeddings=MAX_POSITIONS,
-        sliding_window=32,
         layer_types=layer_types,
         hidden_size_per_layer_input=8 if e else 0,
         vocab_size_per_layer_input=VOCAB_SIZE,
