@@ -18,13 +18,18 @@ of worker threads, and writes every shard straight to its final place in the fil
   mergekit holds a whole shard (up to ``out_shard_size``) before writing it.
 
 The output is byte-identical to ``mergekit-yaml`` on the same recipe and options (every
-safetensors file and the index; ``tests/unit/test_merge_stream.py``). Two things make it faster
-than mergekit at mergekit's own numerics:
+safetensors file and the index; ``tests/unit/test_merge_stream.py``). Three things make it
+faster than mergekit at mergekit's own numerics:
 
 1. parallel workers (threads; torch's intra-op threads are split between them): mergekit's
-   executor runs one tensor at a time, and its TIES cost is one single-threaded
-   ``torch.argsort`` per task vector;
-2. for the task-arithmetic family (``task_arithmetic``, ``ties``, ``breadcrumbs``,
+   executor runs one tensor at a time;
+2. magnitude trimming (TIES, breadcrumbs) without mergekit's full sort: mergekit spends
+   most of a TIES merge in one single-threaded ``torch.argsort`` per task vector, and only
+   the entries in front of the cut-off matter. :func:`exact_sparsify` finds exactly the
+   entries that sort puts there, ties included, by following the platform's sort
+   algorithm into the ranges around the cut-off only (:mod:`mergebake.sort_select`,
+   O(numel)); where that model does not apply it runs mergekit's sort;
+3. for the task-arithmetic family (``task_arithmetic``, ``ties``, ``breadcrumbs``,
    ``breadcrumbs_ties``), a tensor whose task vectors are all exactly zero in every model
    (embeddings and norms a LoRA never touched) is not computed: its result is the base
    tensor plus a zero of one sign. Which sign mergekit's arithmetic produces for those
@@ -468,17 +473,52 @@ def stable_rank_band(x: torch.Tensor, lo: int, hi: int, *, descending: bool) -> 
     return keep
 
 
+def exact_sparsify(tensor: torch.Tensor, density: float, method: Any, **kwargs: Any) -> torch.Tensor:
+    """mergekit's ``sparsify``, bit for bit, with magnitude trimming in O(numel).
+
+    For ``magnitude`` (TIES: the first ``k = max(1, int(density * numel))`` entries of
+    ``torch.argsort(|x|.float(), descending=True)``) and ``magnitude_outliers``
+    (breadcrumbs: the entries ``[n_bot, n_bot + n)`` of ``torch.sort(|x|.float())``,
+    formulas of ``mergekit.sparsify``), the kept set comes from
+    :func:`mergebake.sort_select.magnitude_mask`, which follows the platform's sort
+    (libstdc++ introsort) into the ranges around the cut-offs only, so ties at a cut-off
+    are broken exactly as mergekit's sort breaks them; the mask then goes through
+    mergekit's own ``rescaled_masked_tensor`` (rescaling norms included). Same dtype and
+    shape as ``tensor``. Everything else, and any tensor the model cannot follow (NaN, a
+    heap-sort fallback, a platform whose sort differs), runs mergekit's ``sparsify``.
+    """
+    from mergekit.sparsify import SparsificationMethod, rescaled_masked_tensor, sparsify
+
+    from .sort_select import magnitude_mask
+
+    magnitude = method == SparsificationMethod.magnitude
+    if not magnitude and method != SparsificationMethod.magnitude_outliers:
+        return sparsify(tensor, density, method, **kwargs)
+    num = tensor.numel()
+    if density >= 1 or density <= 0 or num == 0 or tensor.device.type != "cpu":
+        return sparsify(tensor, density, method, **kwargs)
+    if magnitude:
+        mask = magnitude_mask(tensor, 0, max(1, int(density * num)), descending=True)
+    else:
+        target = int(density * num)
+        n_bot = max(0, num - target - int(kwargs.get("gamma", 0) * num))
+        mask = magnitude_mask(tensor, n_bot, n_bot + target, descending=False)
+    if mask is None:
+        return sparsify(tensor, density, method, **kwargs)
+    return rescaled_masked_tensor(
+        tensor, mask.to(tensor.dtype).reshape_as(tensor), kwargs.get("rescale_norm")
+    )
+
+
 @contextlib.contextmanager
 def _selection(selection: str) -> Iterator[None]:
-    """Within the block, mergekit's task-arithmetic family trims with :func:`fast_sparsify`
-    (``selection="fast"``); ``"exact"`` leaves mergekit as it is."""
-    if selection == "exact":
-        yield
-        return
+    """Within the block, mergekit's task-arithmetic family trims with
+    :func:`exact_sparsify` (``selection="exact"``: mergekit's result, without its full
+    sort) or :func:`fast_sparsify` (``"fast"``)."""
     from mergekit.merge_methods import generalized_task_arithmetic as gta
 
     original = gta.sparsify
-    gta.sparsify = fast_sparsify
+    gta.sparsify = fast_sparsify if selection == "fast" else exact_sparsify
     try:
         yield
     finally:
@@ -672,7 +712,8 @@ def stream_merge(
     ``merge_config``/``options`` are mergekit's ``MergeConfiguration``/``MergeOptions``;
     ``workers`` threads compute tensors (default: one per usable core; torch's intra-op
     threads are set to ``max(1, threads // workers)`` meanwhile and restored after);
-    ``selection`` is ``"exact"`` (mergekit's own sort) or ``"fast"`` (:func:`fast_sparsify`);
+    ``selection`` is ``"exact"`` (mergekit's kept sets, :func:`exact_sparsify`) or
+    ``"fast"`` (:func:`fast_sparsify`);
     the returned ``selection`` is ``"fast"`` only where a tensor was trimmed by magnitude
     with it (else the output is the exact one whatever was asked).
     Writes the safetensors shards (+ index), ``config.json``, the tokenizer files and

@@ -107,7 +107,18 @@ def test_the_table_streams_every_deterministic_method_and_no_randomised_one():
 
 
 @pytest.mark.parametrize("method", STREAMED)
-def test_stream_output_is_byte_identical_to_mergekit(models, tmp_path, method):
+def test_stream_output_is_byte_identical_to_mergekit(models, tmp_path, method, monkeypatch):
+    from mergebake import sort_select
+
+    selected = []  # magnitude trims the exact selection made without mergekit's sort
+    real = sort_select.magnitude_mask
+
+    def counted(*args, **kwargs):
+        mask = real(*args, **kwargs)
+        selected.append(mask is not None)
+        return mask
+
+    monkeypatch.setattr(sort_select, "magnitude_mask", counted)
     entry = method_table.get(method)
     lo, hi = entry.adapters
     adapters = ("eng",) if hi == 1 else ("eng", "nob")
@@ -125,6 +136,9 @@ def test_stream_output_is_byte_identical_to_mergekit(models, tmp_path, method):
     if method in ("ties", "task_arithmetic", "breadcrumbs", "breadcrumbs_ties"):
         # embeddings and norms have zero task vectors in both models: taken from the base
         assert got["stream"]["shortcut"] > 0
+    if method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+        # every trimmed tensor was selected without mergekit's sort, and byte-identically
+        assert selected and all(selected), selected
 
 
 def test_per_tensor_parameters_resolve_as_in_mergekit(models, tmp_path):
