@@ -473,7 +473,9 @@ def stable_rank_band(x: torch.Tensor, lo: int, hi: int, *, descending: bool) -> 
     return keep
 
 
-def exact_sparsify(tensor: torch.Tensor, density: float, method: Any, **kwargs: Any) -> torch.Tensor:
+def exact_sparsify(
+    tensor: torch.Tensor, density: float, method: Any, **kwargs: Any
+) -> torch.Tensor:
     """mergekit's ``sparsify``, bit for bit, with magnitude trimming in O(numel).
 
     For ``magnitude`` (TIES: the first ``k = max(1, int(density * numel))`` entries of
