@@ -16,8 +16,8 @@ and prints wall seconds (min of ``--repeat`` runs; the 1-worker runs once), peak
 (``/usr/bin/time``'s maximum resident set of that process), the speed-up over mergekit,
 and whether every safetensors file and the index are byte-identical to mergekit's. A
 second size (``--large-layers``, 64 by default: 4x the linear layers' parameters) runs
-once and shows whether the stream engine's peak RSS grows with the model (mergekit's
-holds a whole output shard). Usage:
+once, with 2 workers, and shows whether the stream engine's peak RSS grows with the model
+(mergekit's holds a whole output shard). Usage:
 
     nice python bench/merge.py [--work DIR] [--repeat 3] [--layers 16] [--large-layers 64]
                                [--methods ties,linear,task_arithmetic] [--keep]
@@ -113,7 +113,9 @@ def same_bytes(a: Path, b: Path) -> str:
     return f"no: {', '.join(bad)}" if bad else f"yes ({len(names)} files)"
 
 
-def run_size(label: str, folder: Path, layers: int, repeat: int, methods, env) -> list[tuple]:
+def run_size(
+    label: str, folder: Path, layers: int, repeat: int, methods, env, worker_caps=(2, 1)
+) -> list[tuple]:
     t0 = time.perf_counter()
     subprocess.run([PY, __file__, "--generate", str(folder), str(layers)], check=True, env=env)
     gb = (folder / "base" / "model.safetensors").stat().st_size / 1e9
@@ -140,7 +142,7 @@ def run_size(label: str, folder: Path, layers: int, repeat: int, methods, env) -
         rows.append((label, method, "mergekit-yaml", "-", mk, mk, "reference"))
         selections = ("exact", "fast") if method == "ties" else ("exact",)
         for selection in selections:
-            for workers in (2, 1):
+            for workers in worker_caps:
                 out = folder / f"out-{method}-{selection}-{workers}"
                 cmd = [PY, "-c", STREAM_SCRIPT, str(recipe), str(out), str(workers), selection]
                 res = timed(cmd, out, repeat if workers == 2 else 1)
@@ -189,7 +191,9 @@ def main() -> None:
     rows = run_size("small", work / "small", args.layers, args.repeat, methods, env)
     table(rows)
     if args.large_layers:
-        rows += run_size("large", work / "large", args.large_layers, 1, methods, env)
+        rows += run_size(
+            "large", work / "large", args.large_layers, 1, methods, env, worker_caps=(2,)
+        )
         table(rows)
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (figures are disturbed if > CPUs)")
     if not args.work and not args.keep:

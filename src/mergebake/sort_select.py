@@ -34,6 +34,7 @@ holds the result against ``torch.argsort`` and mergekit's ``sparsify``.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from collections.abc import Sequence
@@ -107,22 +108,25 @@ def _partition(a: np.ndarray, idx: np.ndarray, first: int, last: int) -> int:
 
 
 def introsort_select(
-    values: np.ndarray, cuts: Sequence[int], *, depth: int | None = None
+    values: np.ndarray, cuts: Sequence[int], *, depth: int | None = None, own: bool = False
 ) -> np.ndarray:
     """Indices of ``values`` in the order ``std::sort`` (libstdc++, descending, comparing
     values only) leaves them, exact across every position in ``cuts``.
 
-    ``values``: 1-D float32 array without NaN (not modified). Returns an int64 array
-    ``order`` of the same length such that for every ``c`` in ``cuts`` the set
-    ``order[:c]`` equals the set ``torch.argsort(torch.from_numpy(values),
-    descending=True)[:c]`` (given :func:`platform_matches`). Ranges that straddle no cut
-    are left in partition order. ``depth``: the introsort depth limit (default
-    libstdc++'s ``2 * floor(log2(n))``). Raises :class:`HeapFallback` where libstdc++
-    would heap-sort a range that straddles a cut.
+    ``values``: 1-D float32 array without NaN (copied first unless ``own``: then it is
+    permuted in place). Returns an int32 array ``order`` of the same length such that for
+    every ``c`` in ``cuts`` the set ``order[:c]`` equals the set
+    ``torch.argsort(torch.from_numpy(values), descending=True)[:c]`` (given
+    :func:`platform_matches`). Ranges that straddle no cut are left in partition order.
+    ``depth``: the introsort depth limit (default libstdc++'s ``2 * floor(log2(n))``).
+    Raises :class:`HeapFallback` where libstdc++ would heap-sort a range that straddles
+    a cut, ``ValueError`` for more than ``2**31 - 1`` values.
     """
-    a = np.array(values, dtype=np.float32, copy=True)
+    a = values if own else np.array(values, dtype=np.float32, copy=True)
     n = len(a)
-    idx = np.arange(n, dtype=np.int64)
+    if n >= 2**31:
+        raise ValueError(f"{n} values: introsort_select indexes with int32")
+    idx = np.arange(n, dtype=np.int32)
     if n == 0:
         return idx
     wanted = sorted({c for c in cuts if 0 < c < n})
@@ -130,8 +134,9 @@ def introsort_select(
     stack = [(0, n, depth0)]
     while stack:
         first, last, depth = stack.pop()
-        if not any(first < c < last for c in wanted):
-            continue
+        i = bisect.bisect_right(wanted, first)  # the first cut > first
+        if i == len(wanted) or wanted[i] >= last:
+            continue  # no cut strictly inside: this range's set is settled
         if last - first > THRESHOLD:
             if depth == 0:
                 raise HeapFallback(f"range [{first}, {last}) ran out of introsort depth")
@@ -183,12 +188,14 @@ def magnitude_mask(tensor: torch.Tensor, lo: int, hi: int, *, descending: bool) 
     lo, hi = max(lo, 0), min(hi, n)
     if not platform_matches():
         return None
-    w = tensor.detach().abs().reshape(-1).float().numpy()
-    if np.isnan(w).any():
+    key = torch.empty(n, dtype=torch.float32)
+    key.copy_(tensor.detach().reshape(-1)).abs_()  # mergekit's |x|.float(), exactly
+    if not descending:
+        key.neg_()  # ascending order of |x| = descending order of -|x|, ties alike
+    if torch.isnan(key).any():
         return None
-    key = w if descending else -w
     try:
-        order = introsort_select(key, (lo, hi))
+        order = introsort_select(key.numpy(), (lo, hi), own=True)
     except HeapFallback:
         return None
     mask = torch.zeros(n, dtype=torch.bool)
