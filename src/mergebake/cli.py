@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import MergebakeError, __version__
 from .demo import ARCHES as DEMO_ARCHES
+from .eval_backend import BACKENDS, BATCH_SIZE_FORMS, VllmOptions, check_batch_size
 
 
 def _threads(n: int | None) -> None:
@@ -54,9 +55,12 @@ def _json(text: str, flag: str):
 
 def cmd_validate(a: argparse.Namespace) -> None:
     from .config import expand_grid, load_config
+    from .eval_backend import environment_notes
 
     cfg = load_config(a.config)
     cells = expand_grid(cfg)
+    for note in environment_notes(cfg["eval"]):  # the eval jobs may run elsewhere
+        print(f"mergebake validate: warning: {a.config}: {note}", file=sys.stderr)
     print(f"{a.config}: valid; {len(cells)} cell(s)")
     for c in cells:
         print(f"  {c.path_in_repo}")
@@ -170,7 +174,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from .evaluate import evaluate
 
     _threads(a.threads)
-    device = resolve_device(a.device)  # auto: CUDA if usable, else CPU with a warning
+    # auto: CUDA if usable, else CPU with a warning; vLLM checks its GPUs itself
+    device = a.device if a.backend == "vllm" else resolve_device(a.device)
     evaluate(
         a.model,
         a.out,
@@ -186,6 +191,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
         dtype=a.dtype,
         device=device,
         trust_remote_code=a.trust_remote_code,
+        backend=a.backend,
+        max_batch_size=a.max_batch_size,
+        vllm=VllmOptions(a.tensor_parallel_size, a.gpu_memory_utilization, a.max_model_len),
     )
 
 
@@ -238,6 +246,14 @@ def cmd_gguf_tools(a: argparse.Namespace) -> None:
     from .export import cli_gguf_tools
 
     cli_gguf_tools(a)
+
+
+def _batch_size(text: str) -> str:
+    """argparse type of ``--batch-size``: the text unchanged when lm-eval accepts it."""
+    try:
+        return check_batch_size(text, "--batch-size")
+    except MergebakeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write {BATCH_SIZE_FORMS}") from None
 
 
 DEVICE_HELP = (
@@ -394,12 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--tasks-file", type=Path, help="file holding that JSON list")
     sp.add_argument("--include-path", type=Path)
     sp.add_argument("--seed", type=int, default=1234)
-    sp.add_argument("--batch-size", default=1)
+    sp.add_argument("--batch-size", default=1, type=_batch_size, help="N, auto or auto:N")
     sp.add_argument("--limit", type=int)
     sp.add_argument("--dtype", default="auto")
     sp.add_argument("--device", default="auto", help=DEVICE_HELP)
     sp.add_argument("--trust-remote-code", action="store_true")
     sp.add_argument("--threads", type=int)
+    sp.add_argument("--backend", choices=BACKENDS, default="hf", help="lm-eval model type")
+    sp.add_argument("--max-batch-size", type=int, help="upper bound of auto (eval.max_batch_size)")
+    sp.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
+    sp.add_argument("--gpu-memory-utilization", type=float, help="vllm: fraction of GPU memory")
+    sp.add_argument("--max-model-len", type=int, help="vllm: context length in tokens")
 
     sp = add("report", cmd_report, "write the pivot CSV, Markdown report and plots")
     rows = sp.add_mutually_exclusive_group(required=True)

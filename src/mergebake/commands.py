@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import split_member
+from .eval_backend import VllmOptions
 from .workflow import LAYOUT, Plan, dumps, path, payload_path
 from .workflow.layout import (
     PAYLOAD_HUB_META,
@@ -270,8 +271,17 @@ class Eval:
     include_path: str | None = None
     limit: int | None = None
     trust_remote_code: bool = False
+    backend: str = "hf"
+    max_batch_size: int | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
 
     def argv(self) -> list[str]:
+        # Options at their defaults are left out, so a config that does not set them keeps
+        # the command (a params change reruns every eval) it had before they existed; the
+        # vLLM options go only with --backend vllm.
+        vllm = self.backend == "vllm"
         return [
             *[PROG, "eval", "--model", self.model, "--out", self.out],
             *["--tasks-file", self.tasks_file, "--seed", str(self.seed)],
@@ -280,7 +290,13 @@ class Eval:
             *_opt("--include-path", self.include_path),
             *_opt("--limit", self.limit),
             *_flag("--trust-remote-code", self.trust_remote_code),
-        ]
+            *_opt("--max-batch-size", self.max_batch_size),
+            *(["--backend", self.backend] if self.backend != "hf" else []),
+            *(["--tensor-parallel-size", str(self.tensor_parallel_size)]
+              if vllm and self.tensor_parallel_size != 1 else []),
+            *_opt("--gpu-memory-utilization", self.gpu_memory_utilization if vllm else None),
+            *_opt("--max-model-len", self.max_model_len if vllm else None),
+        ]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -526,6 +542,9 @@ def build(plan: Plan, rule: str, wc: dict[str, str] | Any) -> Command:
             include_path=plan.include_path(),
             limit=e["limit"],
             trust_remote_code=cfg["trust_remote_code"],
+            backend=e.get("backend", "hf"),
+            max_batch_size=e.get("max_batch_size"),
+            **asdict(VllmOptions.from_config(e)),
         )
     if rule == "select_checkpoint":
         b, a = wc["base"], wc["adapter"]

@@ -250,7 +250,9 @@ def load_config(
     keys, bad names, wrong types), grid blocks naming unknown sizes/variants/groups/
     methods, a cell whose base or adapters are not configured, a duplicate cell, parameters
     out of range or naming adapters outside the groups of the method, recipe files that are
-    missing or have placeholders no parameter fills.
+    missing or have placeholders no parameter fills, an ``eval.batch_size`` lm-eval does not
+    accept (not a positive integer, ``auto`` or ``auto:N``), ``eval.backend: vllm`` with
+    ``device: cpu``.
     """
     if isinstance(config, (str, Path)):
         source = source or str(config)
@@ -476,9 +478,24 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
     if dup:
         raise ConfigError(f"{source}: key 'eval.tasks': task(s) {sorted(dup)} listed twice")
     _check_block_tasks(config, source)
+    _check_eval_backend(config, source)
     _check_selection_metrics(config, source, seen)
     check_oracle_config(config, source)
     check_export_config(config, source)
+
+
+def _check_eval_backend(config: dict, source: str) -> None:
+    """``eval.batch_size``, ``eval.backend`` and ``eval.vllm`` against each other and the
+    device (:func:`mergebake.eval_backend.config_notes`); what only the machine running the
+    eval can tell (vLLM installed, a GPU visible) is checked by the eval job itself."""
+    from .eval_backend import BackendError, config_notes
+
+    try:
+        notes = config_notes(config["eval"], config["device"])
+    except BackendError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    for note in notes:
+        warnings.warn(f"{source}: {note}", ConfigWarning, stacklevel=3)
 
 
 def _check_sweeps(config: dict, source: str, recipes_dir: Path) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import MergebakeError
+from .eval_backend import VllmOptions, check_vllm_runtime, is_auto, lm_settings
 from .outputs import atomic_file, write_json
 
 
@@ -256,6 +257,9 @@ def evaluate(
     device: str = "cpu",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    backend: str = "hf",
+    max_batch_size: int | None = None,
+    vllm: VllmOptions | None = None,
 ) -> dict:
     """Score the local checkpoint folder ``model`` with lm-eval; write the results to ``out``.
 
@@ -263,18 +267,29 @@ def evaluate(
     few-shot count (a group name sets it on all the group's tasks). ``include_path`` is a
     folder of extra task YAMLs. ``seed`` seeds Python's, NumPy's and torch's RNGs and the
     few-shot sampler. ``limit`` caps the documents scored per task (testing only).
-    ``device``/``dtype``/``batch_size`` go to lm-eval's ``hf`` model.
+    ``backend`` is lm-eval's model type, ``hf`` or ``vllm`` (CUDA GPUs only; ``vllm`` holds
+    its options); ``device``/``dtype``/``batch_size`` (a positive integer, ``"auto"`` or
+    ``"auto:N"``)/``max_batch_size`` go to that model as
+    :func:`mergebake.eval_backend.lm_settings` describes.
 
     Writes, atomically, lm-eval's results JSON (made serialisable; without lm-eval's
     ``samples``) with an added ``mergebake`` block: ``model`` (absolute path), ``tasks`` (as
     requested), ``seed``, ``seconds`` (wall-clock seconds of the whole call, float),
-    ``samples`` (file name of the per-document file). Returns that dict. The per-document
-    values go to :func:`samples_path` (``out``'s stem + ``.samples.json.gz``, see
-    :func:`compact_samples`), written before ``out`` so a finished ``out`` always has them.
+    ``samples`` (file name of the per-document file); with ``backend`` vllm also ``backend``,
+    and with an auto batch size ``auto_batch_sizes``: the sizes lm-eval's detection chose
+    for the loglikelihood requests (its results' ``config.batch_sizes``, one per ``auto:N``
+    step; lm-eval 0.4.13 does not report the size it picks for generation or rolling
+    loglikelihood requests, and with vLLM it is ``[]``: vLLM batches by itself). Returns
+    that dict. The per-document values go to :func:`samples_path` (``out``'s stem +
+    ``.samples.json.gz``, see :func:`compact_samples`), written before ``out`` so a finished
+    ``out`` always has them.
 
     Raises :class:`MergebakeError` before any model is loaded when a task spec is malformed,
     a task name is unknown (naming it and the include path), the model folder has no
-    ``config.json``, or a CUDA device is asked for where CUDA is not available.
+    ``config.json``, or a CUDA device is asked for where CUDA is not available; raises
+    :class:`mergebake.eval_backend.BackendError` (a :class:`MergebakeError`) at the same
+    point for a bad batch size or backend, and, with vLLM, for a cpu device, vLLM not
+    installed (or older than lm-eval needs) or too few CUDA GPUs visible.
     """
     t0 = time.perf_counter()
     model = Path(model).resolve()
@@ -283,7 +298,20 @@ def evaluate(
     specs = _check_tasks(tasks)
     if not (model / "config.json").is_file():
         raise MergebakeError(f"evaluate: {model} has no config.json; is it a checkpoint folder?")
-    if device.startswith("cuda"):
+    lm = lm_settings(
+        backend,
+        pretrained=str(model),
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        seed=seed,
+        batch_size=batch_size,
+        max_batch_size=max_batch_size,
+        device=device,
+        vllm=vllm,
+    )
+    if backend == "vllm":
+        check_vllm_runtime((vllm or VllmOptions()).tensor_parallel_size)
+    elif device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
@@ -294,21 +322,14 @@ def evaluate(
 
     import lm_eval
 
-    model_args: dict[str, Any] = {
-        "pretrained": str(model),
-        "dtype": dtype,
-        "trust_remote_code": trust_remote_code,
-    }
+    model_args = lm.model_args
     tm = _task_manager([n for n, _ in specs], include_path, metadata=dict(model_args))
     leaves: dict = {}
     task_objects = _load_tasks(tm, specs, leaves)
 
     results = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=model_args,
+        **lm.simple_evaluate_kwargs(),
         tasks=task_objects,
-        batch_size=batch_size,
-        device=device,
         limit=limit,
         log_samples=True,
         task_manager=tm,
@@ -331,6 +352,10 @@ def evaluate(
         "samples": samples_path(out).name,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if backend != "hf":
+        data["mergebake"]["backend"] = backend
+    if is_auto(batch_size):
+        data["mergebake"]["auto_batch_sizes"] = list(data["config"].get("batch_sizes") or [])
     write_json(out, data)
     return data
 

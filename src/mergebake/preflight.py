@@ -212,7 +212,10 @@ def preflight(
     warning: its bake job fails on its own and every other cell is still built. With
     ``check_gguf`` (the workflow's onstart), a base with ``export.gguf`` cells whose family
     llama.cpp's converter cannot convert (:func:`check_gguf_support`; ~5 s per new
-    architecture, cached, skipped when nothing is exported).
+    architecture, cached, skipped when nothing is exported). With ``eval.backend: vllm``,
+    vLLM or a CUDA GPU missing on this machine is a warning
+    (:func:`mergebake.eval_backend.environment_notes`): the eval jobs may run elsewhere,
+    and each refuses to start where they are missing.
     """
     from .bake import preflight as bake_preflight
 
@@ -269,6 +272,9 @@ def preflight(
                 f"{probe.resolve()} has {free / 1e9:.1f} GB free; free space, set "
                 "temp_intermediates: true, or build fewer cells"
             )
+    from .eval_backend import environment_notes
+
+    notes += environment_notes(config["eval"])  # warnings: eval jobs may run on GPU nodes
     if check_gguf:
         gguf_problems, gguf_notes = check_gguf_support(config, workdir=workdir)
         problems += gguf_problems

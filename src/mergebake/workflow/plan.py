@@ -767,10 +767,25 @@ class Plan:
             return "bake_stream" if self.config["bake"].get("engine") == "stream" else "bake"
         return rule
 
+    def vllm_eval(self, rule: str) -> bool:
+        """True for the eval rules when ``eval.backend`` is vllm (they need CUDA GPUs)."""
+        evals = ("eval_cell", "eval_baseline")
+        return rule in evals and self.config["eval"].get("backend", "hf") == "vllm"
+
     def device(self, rule: str) -> str:
-        """The device a job computes on: the bake's own, else the merge and eval one."""
+        """The device a job computes on: the bake's own, else the merge and eval one;
+        ``cuda`` for a vLLM eval, which runs on CUDA GPUs only."""
         bakes = ("bake", "bake_cell")
+        if self.vllm_eval(rule):
+            return "cuda"
         return self.config["bake"]["device"] if rule in bakes else self.config["device"]
+
+    def gpus_per_job(self, rule: str) -> int:
+        """GPUs a job asks for when it asks for any: ``eval.vllm.tensor_parallel_size``
+        for a vLLM eval, else 1."""
+        if self.vllm_eval(rule):
+            return int((self.config["eval"].get("vllm") or {}).get("tensor_parallel_size", 1))
+        return 1
 
     def job_resources(
         self,
@@ -782,7 +797,7 @@ class Plan:
         """``{mem_mb, runtime, threads, disk_mb, gpu}`` of one job
         (:func:`mergebake.resources.job_resources` on :meth:`job_size`)."""
         size = self.job_size(rule, wc)
-        return resources.job_resources(
+        res = resources.job_resources(
             rule,
             size,
             model=self.resource_model(rule),
@@ -791,10 +806,14 @@ class Plan:
             device=self.device(rule),
             overrides=overrides,
         )
+        res["gpu"] *= self.gpus_per_job(rule)
+        return res
 
     def gpu(self, rule: str) -> int:
-        """1 for a GPU-capable step when its device is cuda, else 0."""
-        return resources.job_resources(rule, None, device=self.device(rule))["gpu"]
+        """GPUs a job of ``rule`` asks for: :meth:`gpus_per_job` for a GPU-capable step whose
+        device is cuda (a vLLM eval always), else 0."""
+        gpu = resources.job_resources(rule, None, device=self.device(rule))["gpu"]
+        return gpu * self.gpus_per_job(rule)
 
     # ---- preflight: disk ---------------------------------------------------------
 
