@@ -167,11 +167,12 @@ def cmd_verify(a: argparse.Namespace) -> None:
 
 def cmd_eval(a: argparse.Namespace) -> None:
     from .device import resolve_device
-    from .evaluate import evaluate
+    from .evalcache import EvalCache, evaluate_cached
 
     _threads(a.threads)
     device = resolve_device(a.device)  # auto: CUDA if usable, else CPU with a warning
-    evaluate(
+    evaluate_cached(
+        EvalCache.configured(a.cache_dir, enabled=not a.no_cache),
         a.model,
         a.out,
         tasks=(
@@ -400,6 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto", help=DEVICE_HELP)
     sp.add_argument("--trust-remote-code", action="store_true")
     sp.add_argument("--threads", type=int)
+    sp.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="eval cache folder (default: $MERGEBAKE_CACHE, else $XDG_CACHE_HOME/mergebake, "
+        "else ~/.cache/mergebake)",
+    )
+    sp.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="always run lm-eval, store nothing (also: MERGEBAKE_NO_CACHE=1)",
+    )
 
     sp = add("report", cmd_report, "write the pivot CSV, Markdown report and plots")
     rows = sp.add_mutually_exclusive_group(required=True)
