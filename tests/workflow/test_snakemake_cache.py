@@ -11,11 +11,12 @@ is recomputed, not fetched. That is the case of a merge rerun by a recipe commen
 weights are the same bytes, its evals would run again. (Its ``local.py`` would serve our
 outputs otherwise: named multi-file outputs are allowed, a directory is stored whole and
 fetched as a folder of per-entry symlinks; but ``cache:`` also refuses rules with a
-``benchmark:``, which every mergebake rule has, and replaces each stored output by a symlink
+``benchmark:``, which the eval rules have, and replaces each stored output by a symlink
 into the shared cache.)
 
 The tiny workflow below shows it: ``producer`` drops comment lines from ``src.txt``;
-``consumer`` (cached, ``--cache consumer``) copies the result and counts its runs.
+``consumer`` (cached, ``--cache consumer``) copies the result into a folder and counts
+its runs.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ rule consumer:
     input:
         "prod.txt",
     output:
-        "cons.txt",
+        directory("cons"),
     cache: True
     shell:
-        "cp {input} {output} && echo ran >> consumer-runs.txt"
+        "mkdir {output} && cp {input} {output}/a.txt && echo ran >> consumer-runs.txt"
 
 
 rule producer:
@@ -54,7 +55,7 @@ def _run(wd: Path, cache: Path) -> str:
     e = env()
     e["SNAKEMAKE_OUTPUT_CACHE"] = str(cache)
     p = subprocess.run(
-        [str(BIN / "snakemake"), "--cores", "1", "--cache", "consumer", "cons.txt"],
+        [str(BIN / "snakemake"), "--cores", "1", "--cache", "consumer", "cons"],
         cwd=wd,
         env=e,
         capture_output=True,
@@ -78,17 +79,19 @@ def test_snakemake_cache_recomputes_after_a_byte_identical_upstream_rerun(tmp_pa
 
     _run(wd, cache)
     assert _runs(wd) == 1
-    stored = sorted(p.name for p in cache.iterdir())
-    assert len(stored) == 1 and stored[0].endswith(".txt")  # <provenance hash>.txt
-    assert (wd / "cons.txt").is_symlink()  # the output itself now lives in the cache
-    assert os.path.realpath(wd / "cons.txt") == str(cache / stored[0])
+    stored = [p.name for p in cache.iterdir()]
+    assert len(stored) == 1 and len(stored[0]) == 64  # <provenance hash>: a folder output
+    assert (wd / "cons").is_symlink()  # the output itself now lives in the cache
+    assert os.path.realpath(wd / "cons") == str(cache / stored[0])
 
-    # Control: with nothing upstream changed, a deleted output is fetched, not recomputed.
-    (wd / "cons.txt").unlink()
+    # Control: with nothing upstream changed, a deleted output is fetched, not recomputed:
+    # a folder of symlinks to the entry's files.
+    (wd / "cons").unlink()
     log = _run(wd, cache)
     assert _runs(wd) == 1
-    assert "Symlinking output file cons.txt from cache" in log and "to cache" not in log
-    assert (wd / "cons.txt").read_text() == "payload\n"
+    assert "from cache" in log and "to cache" not in log
+    assert (wd / "cons").is_dir() and not (wd / "cons").is_symlink()
+    assert (wd / "cons/a.txt").is_symlink() and (wd / "cons/a.txt").read_text() == "payload\n"
 
     # Edit only the comment: producer reruns and writes the same bytes ...
     before = (wd / "prod.txt").read_bytes()
@@ -98,4 +101,4 @@ def test_snakemake_cache_recomputes_after_a_byte_identical_upstream_rerun(tmp_pa
     # ... yet the consumer gets a new key and is recomputed, not fetched.
     assert _runs(wd) == 2
     assert len(list(cache.iterdir())) == 2
-    assert "Moving output file cons.txt to cache" in log
+    assert "Moving output file cons to cache" in log
