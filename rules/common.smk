@@ -10,6 +10,7 @@ from snakemake.logging import logger
 
 from mergebake import commands
 from mergebake.config import load_config
+from mergebake.evalcache import environment as cache_environment
 from mergebake.preflight import check_adapter_cells, check_local_paths
 from mergebake.resources import KNOBS
 from mergebake.workflow import LAYOUT, REPORT_OUTPUTS, Plan, write_payload
@@ -28,6 +29,9 @@ ENV = "../envs/mergebake.yaml"
 # envs/mergebake.yaml installs this checkout with `pip install -e ${MERGEBAKE_ROOT}`; set
 # it before Snakemake creates the env (--sdm conda), whatever folder conda runs pip in.
 os.environ.update(MERGEBAKE_ROOT=str(workflow.basedir))
+# The eval cache (config `cache`) reaches the eval jobs through their environment, not
+# their command, so turning it on or off or moving it reruns nothing.
+os.environ.update(cache_environment(config["cache"], os.getcwd()))
 
 
 def _alternation(names):

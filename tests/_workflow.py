@@ -27,6 +27,14 @@ def env() -> dict[str, str]:
     return e
 
 
+CACHE_ENV = "MERGEBAKE_CACHE"  # mergebake.evalcache.ENV_DIR
+
+
+def eval_cache(workdir: Path) -> Path:
+    """The eval cache of the runs in ``workdir``: a folder beside it, its own."""
+    return workdir.parent / f"{workdir.name}.eval-cache"
+
+
 def snakemake(
     workdir: Path,
     *args: str,
@@ -34,21 +42,29 @@ def snakemake(
     check: bool = True,
     timeout: float = 3600,
     environ: dict[str, str] | None = None,
+    snakefile: Path | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run snakemake on the repository's Snakefile in ``workdir``; return the completed run.
+    """Run snakemake on the repository's Snakefile (or ``snakefile``) in ``workdir``; return
+    the completed run.
 
-    ``environ`` replaces the environment (default: :func:`env`)."""
+    ``environ`` replaces the environment (default: :func:`env`). Evals use the cache
+    :func:`eval_cache` of ``workdir``, so no two working directories share one and nothing
+    touches the user's, unless ``environ`` names another ``MERGEBAKE_CACHE`` than the
+    session's scratch one (``tests/conftest.py``)."""
+    e = dict(environ) if environ is not None else env()
+    if e.get(CACHE_ENV) in (None, os.environ.get(CACHE_ENV)):
+        e[CACHE_ENV] = str(eval_cache(workdir))
     cmd = [
         str(BIN / "snakemake"),
         "-s",
-        str(ROOT / "Snakefile"),
+        str(snakefile or ROOT / "Snakefile"),
         "-d",
         str(workdir),
         "--configfile",
         str(config or workdir / "config.yaml"),
         *args,
     ]
-    p = subprocess.run(cmd, env=environ or env(), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(
             f"snakemake {' '.join(args)} failed ({p.returncode}):\n"

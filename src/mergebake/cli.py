@@ -171,12 +171,13 @@ def cmd_verify(a: argparse.Namespace) -> None:
 
 def cmd_eval(a: argparse.Namespace) -> None:
     from .device import resolve_device
-    from .evaluate import evaluate
+    from .evalcache import EvalCache, evaluate_cached
 
     _threads(a.threads)
     # auto: CUDA if usable, else CPU with a warning; vLLM checks its GPUs itself
     device = a.device if a.backend == "vllm" else resolve_device(a.device)
-    evaluate(
+    evaluate_cached(
+        EvalCache.configured(a.cache_dir, enabled=not a.no_cache),
         a.model,
         a.out,
         tasks=(
@@ -421,6 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
     sp.add_argument("--gpu-memory-utilization", type=float, help="vllm: fraction of GPU memory")
     sp.add_argument("--max-model-len", type=int, help="vllm: context length in tokens")
+    sp.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="eval cache folder (default: $MERGEBAKE_CACHE, else $XDG_CACHE_HOME/mergebake, "
+        "else ~/.cache/mergebake)",
+    )
+    sp.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="always run lm-eval, store nothing (also: MERGEBAKE_NO_CACHE=1)",
+    )
 
     sp = add("report", cmd_report, "write the pivot CSV, Markdown report and plots")
     rows = sp.add_mutually_exclusive_group(required=True)

@@ -482,6 +482,17 @@ def _check_semantics(config: dict, source: str, recipes_dir: Path) -> None:
     _check_selection_metrics(config, source, seen)
     check_oracle_config(config, source)
     check_export_config(config, source)
+    _check_cache(config, source)
+
+
+def _check_cache(config: Mapping[str, Any], source: str) -> None:
+    """``cache.dir`` may not be an existing file (the eval cache is a folder)."""
+    folder = (config.get("cache") or {}).get("dir")
+    if folder and Path(folder).expanduser().is_file():
+        raise ConfigError(
+            f"{source}: key 'cache.dir': {folder} is a file; point it at a folder (created "
+            "when missing), or leave it null for $MERGEBAKE_CACHE / ~/.cache/mergebake"
+        )
 
 
 def _check_eval_backend(config: dict, source: str) -> None:

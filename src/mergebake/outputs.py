@@ -32,6 +32,7 @@ PACKAGES = (
     "snakemake",
 )
 _CHUNK = 16 * 1024 * 1024
+PROVENANCE = "provenance.json"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -139,20 +140,86 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def file_manifest(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """Map each regular file under ``folder`` (relative POSIX path) to its size (bytes) and sha256.
+# In-process memo of file hashes by identity: (st_dev, st_ino, st_size, st_mtime_ns) ->
+# sha256 hex. A hard link made by a step (normalise links unchanged files) has the same
+# identity as its source, so a file hashed as an input is not hashed again as an output.
+_HASHED: dict[tuple[int, int, int, int], str] = {}
 
-    ``provenance.json`` itself is skipped, so a manifest describes the payload only.
+
+def _sha256_stat(p: Path, st: os.stat_result, memo: bool) -> str:
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    digest = _HASHED.get(ident) if memo else None
+    if digest is None:
+        digest = _HASHED[ident] = sha256_file(p)
+    return digest
+
+
+def recorded_outputs(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The output manifest the step that wrote ``folder`` recorded in its ``provenance.json``.
+
+    ``{relative POSIX path: {"bytes": int, "sha256": hex str, "mtime_ns": int}}`` as
+    :func:`write_provenance` writes it under ``outputs``; ``{}`` when the folder has no
+    ``provenance.json``, it is unreadable or not JSON, or it records no outputs (folders
+    written before steps recorded them). Entries lacking a field are left out.
     """
-    folder = Path(folder)
+    prov = Path(folder) / PROVENANCE
+    try:
+        record = json.loads(prov.read_text())
+    except (OSError, ValueError):
+        return {}
+    outputs = record.get("outputs") if isinstance(record, dict) else None
+    if not isinstance(outputs, dict):
+        return {}
+    return {
+        rel: e
+        for rel, e in outputs.items()
+        if isinstance(e, dict)
+        and isinstance(e.get("sha256"), str)
+        and isinstance(e.get("bytes"), int)
+        and isinstance(e.get("mtime_ns"), int)
+    }
+
+
+def _manifest(folder: Path, reuse: bool, memo: bool, mtimes: bool) -> dict[str, dict[str, Any]]:
+    records = recorded_outputs(folder) if reuse else {}
     out: dict[str, dict[str, Any]] = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != "provenance.json":
-            out[p.relative_to(folder).as_posix()] = {
-                "bytes": p.stat().st_size,
-                "sha256": sha256_file(p),
-            }
+        if not p.is_file() or p.name == PROVENANCE:
+            continue
+        rel = p.relative_to(folder).as_posix()
+        st = p.stat()
+        rec = records.get(rel)
+        if rec is not None and rec["bytes"] == st.st_size and rec["mtime_ns"] == st.st_mtime_ns:
+            digest = rec["sha256"]  # the writer's own hash; size and mtime unchanged since
+            _HASHED[(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)] = digest
+        else:
+            digest = _sha256_stat(p, st, memo)
+        out[rel] = {"bytes": st.st_size, "sha256": digest}
+        if mtimes:
+            out[rel]["mtime_ns"] = st.st_mtime_ns
     return out
+
+
+def file_manifest(folder: str | os.PathLike, *, reuse: bool = True) -> dict[str, dict[str, Any]]:
+    """Map each regular file under ``folder`` (relative POSIX path) to its size (bytes) and sha256.
+
+    ``provenance.json`` itself is skipped, so a manifest describes the payload only. With
+    ``reuse`` (the default) a file's sha256 is taken from the output manifest its writer
+    recorded (:func:`recorded_outputs`) when its size and ``st_mtime_ns`` still equal the
+    recorded ones, and read and hashed (16 MiB chunks) otherwise, so an input produced by
+    an earlier mergebake step is not hashed twice. Like ``make`` and git's index, this
+    trusts that a file rewritten with the same size keeps neither its old mtime nor is
+    rewritten within one timestamp tick of being recorded. Without ``reuse`` every file is
+    read and hashed.
+    """
+    return _manifest(Path(folder), reuse, memo=reuse, mtimes=False)
+
+
+def output_manifest(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """What :func:`write_provenance` records under ``outputs``: each payload file's size
+    (bytes), sha256 and ``st_mtime_ns`` (int, nanoseconds since the epoch), hashed afresh
+    (files a step hard-linked from an input it already hashed are not read again)."""
+    return _manifest(Path(folder), reuse=False, memo=True, mtimes=True)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -173,13 +240,15 @@ def describe_input(path: str | os.PathLike) -> dict[str, Any]:
     """Provenance entry for one input: its absolute path, and sha256 of its files.
 
     Where the input folder carries its own ``provenance.json`` (an upstream mergebake
-    step, or a fetch that recorded the resolved Hub commit), its ``source`` is kept too.
+    step, or a fetch that recorded the resolved Hub commit), its ``source`` is kept too,
+    and the sha256s it recorded for its outputs are reused where size and mtime still
+    match (:func:`file_manifest`).
     """
     path = Path(path)
     entry: dict[str, Any] = {"path": str(path.resolve())}
     if path.is_dir():
         entry["files"] = {k: v["sha256"] for k, v in file_manifest(path).items()}
-        prov = path / "provenance.json"
+        prov = path / PROVENANCE
         if prov.is_file():
             upstream = json.loads(prov.read_text())
             if "source" in upstream:
@@ -198,12 +267,16 @@ def write_provenance(
     source: Mapping[str, Any] | None = None,
     seed: int | None = None,
     described: Mapping[str, Mapping[str, Any]] | None = None,
+    record_outputs: bool = True,
 ) -> dict[str, Any]:
     """Write ``provenance.json`` into ``out_dir`` and return what was written.
 
     Records the step, each named input (path + sha256s), the parameters, the command
     line, the package versions and the seed. ``described`` adds inputs already described
     with :func:`describe_input` (e.g. hashed in a background thread while the step ran).
+    With ``record_outputs`` (call it last, once every payload file is written) it also
+    records ``outputs``, the :func:`output_manifest` of ``out_dir``, which later steps
+    reading the folder reuse instead of hashing it again.
     No environment variable is recorded, so a token can never leak into it.
     """
     record: dict[str, Any] = {
@@ -219,7 +292,9 @@ def write_provenance(
     }
     if source is not None:
         record["source"] = dict(source)
-    write_json(Path(out_dir) / "provenance.json", record)
+    if record_outputs:
+        record["outputs"] = output_manifest(out_dir)
+    write_json(Path(out_dir) / PROVENANCE, record)
     return record
 
 

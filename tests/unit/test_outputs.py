@@ -1,0 +1,96 @@
+"""outputs: a step records its outputs' sha256, size and mtime in provenance.json, and a
+later step describing that folder takes the recorded hashes while size and mtime match."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from mergebake import outputs
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _step(folder, files: dict[str, bytes]):
+    """A finished step: payload files, then its provenance (which records them)."""
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return outputs.write_provenance(folder, step="test", inputs={})
+
+
+def test_provenance_records_each_output_with_size_sha256_and_mtime(tmp_path):
+    files = {"model.safetensors": b"weights" * 100, "sub/config.json": b"{}"}
+    record = _step(tmp_path / "step", files)
+    assert record["outputs"] == {
+        name: {
+            "bytes": len(data),
+            "sha256": _sha(data),
+            "mtime_ns": (tmp_path / "step" / name).stat().st_mtime_ns,
+        }
+        for name, data in files.items()
+    }
+    on_disk = json.loads((tmp_path / "step" / "provenance.json").read_text())
+    assert on_disk["outputs"] == record["outputs"]
+    assert outputs.recorded_outputs(tmp_path / "step") == record["outputs"]
+
+
+def _tamper(folder, name: str, sha: str) -> None:
+    """Make the recorded sha256 of ``name`` deliberately wrong (mtimes of payload kept)."""
+    prov = folder / "provenance.json"
+    record = json.loads(prov.read_text())
+    record["outputs"][name]["sha256"] = sha
+    prov.write_text(json.dumps(record))
+
+
+def test_recorded_hash_is_taken_while_size_and_mtime_match_and_recomputed_after(tmp_path):
+    step = tmp_path / "step"
+    _step(step, {"a.bin": b"A" * 1000, "b.bin": b"B" * 10})
+    fake = "f" * 64
+    _tamper(step, "a.bin", fake)
+
+    # Size and mtime unchanged: the record is used, the file is not read.
+    assert outputs.describe_input(step)["files"] == {"a.bin": fake, "b.bin": _sha(b"B" * 10)}
+    assert outputs.file_manifest(step)["a.bin"] == {"bytes": 1000, "sha256": fake}
+    # Asked not to reuse: hashed from the bytes.
+    assert outputs.file_manifest(step, reuse=False)["a.bin"]["sha256"] == _sha(b"A" * 1000)
+
+    # Same size, another mtime: hashed again.
+    st = (step / "a.bin").stat()
+    os.utime(step / "a.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert outputs.describe_input(step)["files"]["a.bin"] == _sha(b"A" * 1000)
+
+
+def test_a_size_change_is_hashed_again_even_with_the_recorded_mtime(tmp_path):
+    step = tmp_path / "step"
+    _step(step, {"a.bin": b"A" * 1000})
+    _tamper(step, "a.bin", "f" * 64)
+    st = (step / "a.bin").stat()
+    (step / "a.bin").write_bytes(b"A" * 999)
+    os.utime(step / "a.bin", ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back
+    assert outputs.describe_input(step)["files"]["a.bin"] == _sha(b"A" * 999)
+
+
+def test_files_the_record_does_not_name_are_hashed(tmp_path):
+    step = tmp_path / "step"
+    _step(step, {"a.bin": b"A"})
+    (step / "late.bin").write_bytes(b"L")  # written after the provenance
+    (step / "provenance.json").write_text("{}")  # a record from before outputs were recorded
+    assert outputs.describe_input(step)["files"] == {"a.bin": _sha(b"A"), "late.bin": _sha(b"L")}
+
+
+def test_a_hard_linked_output_takes_its_inputs_recorded_hash(tmp_path):
+    """normalise links unchanged files: the output record reuses the input's hash."""
+    src = tmp_path / "src"
+    _step(src, {"w.bin": b"W" * 100})
+    _tamper(src, "w.bin", "e" * 64)  # so reuse is visible
+    assert outputs.describe_input(src)["files"]["w.bin"] == "e" * 64
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(src / "w.bin", out / "w.bin")
+    record = outputs.write_provenance(out, step="link", inputs={})
+    assert record["outputs"]["w.bin"]["sha256"] == "e" * 64
