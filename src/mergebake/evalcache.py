@@ -6,7 +6,7 @@ made its inputs:
 - the model: size and sha256 of every file lm-eval reads from the folder (weights, config,
   tokenizer), i.e. every file but ``provenance.json``, ``recipe.yaml``, ``README.md``,
   ``mergekit_config.yml`` and hidden files. Hashes come from the folder's own record
-  where size and mtime still match (:func:`mergebake.outputs.file_manifest`), so a
+  where no file changed since (:func:`mergebake.outputs.file_manifest`), so a
   checkpoint of gigabytes is not read again;
 - the tasks: names and few-shot counts as requested, and the sha256 of every file of
   ``include_path`` that they read (:func:`mergebake.workflow.tasks.task_files`: YAMLs,
@@ -156,7 +156,7 @@ def model_files(model: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """``{relative path: {"bytes", "sha256"}}`` of the files lm-eval reads from ``model``.
 
     Every file of the folder but :data:`NOT_READ` and hidden ones (``.snakemake_timestamp``);
-    sha256s are reused from the folder's ``provenance.json`` where size and mtime match.
+    sha256s are reused from the folder's ``provenance.json`` where no file changed since.
     """
     return {
         rel: entry

@@ -154,34 +154,36 @@ def _sha256_stat(p: Path, st: os.stat_result, memo: bool) -> str:
     return digest
 
 
-def recorded_outputs(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """The output manifest the step that wrote ``folder`` recorded in its ``provenance.json``.
+def recorded_outputs(folder: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], int]:
+    """The output manifest the step that wrote ``folder`` recorded in its ``provenance.json``,
+    and that file's ``st_mtime_ns``.
 
-    ``{relative POSIX path: {"bytes": int, "sha256": hex str, "mtime_ns": int}}`` as
-    :func:`write_provenance` writes it under ``outputs``; ``{}`` when the folder has no
-    ``provenance.json``, it is unreadable or not JSON, or it records no outputs (folders
+    ``({relative POSIX path: {"bytes": int, "sha256": hex str}}, mtime_ns)`` as
+    :func:`write_provenance` writes it under ``outputs``; ``({}, 0)`` when the folder has
+    no ``provenance.json``, it is unreadable or not JSON, or it records no outputs (folders
     written before steps recorded them). Entries lacking a field are left out.
     """
     prov = Path(folder) / PROVENANCE
     try:
+        mtime = prov.stat().st_mtime_ns
         record = json.loads(prov.read_text())
     except (OSError, ValueError):
-        return {}
+        return {}, 0
     outputs = record.get("outputs") if isinstance(record, dict) else None
     if not isinstance(outputs, dict):
-        return {}
-    return {
+        return {}, 0
+    kept = {
         rel: e
         for rel, e in outputs.items()
         if isinstance(e, dict)
         and isinstance(e.get("sha256"), str)
         and isinstance(e.get("bytes"), int)
-        and isinstance(e.get("mtime_ns"), int)
     }
+    return kept, mtime
 
 
-def _manifest(folder: Path, reuse: bool, memo: bool, mtimes: bool) -> dict[str, dict[str, Any]]:
-    records = recorded_outputs(folder) if reuse else {}
+def _manifest(folder: Path, reuse: bool, memo: bool) -> dict[str, dict[str, Any]]:
+    records, recorded_at = recorded_outputs(folder) if reuse else ({}, 0)
     out: dict[str, dict[str, Any]] = {}
     for p in sorted(folder.rglob("*")):
         if not p.is_file() or p.name == PROVENANCE:
@@ -189,14 +191,12 @@ def _manifest(folder: Path, reuse: bool, memo: bool, mtimes: bool) -> dict[str, 
         rel = p.relative_to(folder).as_posix()
         st = p.stat()
         rec = records.get(rel)
-        if rec is not None and rec["bytes"] == st.st_size and rec["mtime_ns"] == st.st_mtime_ns:
-            digest = rec["sha256"]  # the writer's own hash; size and mtime unchanged since
+        if rec is not None and rec["bytes"] == st.st_size and st.st_mtime_ns <= recorded_at:
+            digest = rec["sha256"]  # the writer's own hash; not modified since it was recorded
             _HASHED[(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)] = digest
         else:
             digest = _sha256_stat(p, st, memo)
         out[rel] = {"bytes": st.st_size, "sha256": digest}
-        if mtimes:
-            out[rel]["mtime_ns"] = st.st_mtime_ns
     return out
 
 
@@ -205,21 +205,23 @@ def file_manifest(folder: str | os.PathLike, *, reuse: bool = True) -> dict[str,
 
     ``provenance.json`` itself is skipped, so a manifest describes the payload only. With
     ``reuse`` (the default) a file's sha256 is taken from the output manifest its writer
-    recorded (:func:`recorded_outputs`) when its size and ``st_mtime_ns`` still equal the
-    recorded ones, and read and hashed (16 MiB chunks) otherwise, so an input produced by
-    an earlier mergebake step is not hashed twice. Like ``make`` and git's index, this
-    trusts that a file rewritten with the same size keeps neither its old mtime nor is
-    rewritten within one timestamp tick of being recorded. Without ``reuse`` every file is
-    read and hashed.
+    recorded (:func:`recorded_outputs`) when its size is the recorded one and it was last
+    modified no later than ``provenance.json`` (which the writer writes after its payload:
+    any later change to a file gives it a newer mtime), and read and hashed (16 MiB chunks)
+    otherwise, so an input produced by an earlier mergebake step is not hashed twice. Like
+    ``make`` and git's index, this trusts mtimes: a file changed while keeping its size and
+    an mtime older than the record (``touch -d``, ``cp -p`` of other bytes over it) is
+    taken for what was recorded. Without ``reuse`` every file is read and hashed.
     """
-    return _manifest(Path(folder), reuse, memo=reuse, mtimes=False)
+    return _manifest(Path(folder), reuse, memo=reuse)
 
 
 def output_manifest(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """What :func:`write_provenance` records under ``outputs``: each payload file's size
-    (bytes), sha256 and ``st_mtime_ns`` (int, nanoseconds since the epoch), hashed afresh
-    (files a step hard-linked from an input it already hashed are not read again)."""
-    return _manifest(Path(folder), reuse=False, memo=True, mtimes=True)
+    (bytes) and sha256, hashed afresh (files a step hard-linked from an input it already
+    hashed are not read again). No mtimes, so a rebuild that writes the same bytes writes
+    the same ``provenance.json``."""
+    return _manifest(Path(folder), reuse=False, memo=True)
 
 
 def package_versions() -> dict[str, str | None]:

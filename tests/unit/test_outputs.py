@@ -1,5 +1,6 @@
-"""outputs: a step records its outputs' sha256, size and mtime in provenance.json, and a
-later step describing that folder takes the recorded hashes while size and mtime match."""
+"""outputs: a step records its outputs' sha256 and size in provenance.json, and a later
+step describing that folder takes the recorded hashes while the size matches and no file
+was modified after the record was written."""
 
 from __future__ import annotations
 
@@ -23,20 +24,26 @@ def _step(folder, files: dict[str, bytes]):
     return outputs.write_provenance(folder, step="test", inputs={})
 
 
-def test_provenance_records_each_output_with_size_sha256_and_mtime(tmp_path):
+def test_provenance_records_each_output_with_size_and_sha256(tmp_path):
     files = {"model.safetensors": b"weights" * 100, "sub/config.json": b"{}"}
     record = _step(tmp_path / "step", files)
     assert record["outputs"] == {
-        name: {
-            "bytes": len(data),
-            "sha256": _sha(data),
-            "mtime_ns": (tmp_path / "step" / name).stat().st_mtime_ns,
-        }
-        for name, data in files.items()
+        name: {"bytes": len(data), "sha256": _sha(data)} for name, data in files.items()
     }
     on_disk = json.loads((tmp_path / "step" / "provenance.json").read_text())
     assert on_disk["outputs"] == record["outputs"]
-    assert outputs.recorded_outputs(tmp_path / "step") == record["outputs"]
+    prov_mtime = (tmp_path / "step" / "provenance.json").stat().st_mtime_ns
+    assert outputs.recorded_outputs(tmp_path / "step") == (record["outputs"], prov_mtime)
+
+
+def test_a_rebuild_with_the_same_bytes_writes_the_same_provenance(tmp_path):
+    """No mtimes in the record: an unchanged cell uploads no new provenance.json."""
+    files = {"w.bin": b"W" * 100}
+    _step(tmp_path / "one", files)
+    _step(tmp_path / "two", files)
+    one = json.loads((tmp_path / "one" / "provenance.json").read_text())
+    two = json.loads((tmp_path / "two" / "provenance.json").read_text())
+    assert one["outputs"] == two["outputs"]
 
 
 def _tamper(folder, name: str, sha: str) -> None:
@@ -59,9 +66,10 @@ def test_recorded_hash_is_taken_while_size_and_mtime_match_and_recomputed_after(
     # Asked not to reuse: hashed from the bytes.
     assert outputs.file_manifest(step, reuse=False)["a.bin"]["sha256"] == _sha(b"A" * 1000)
 
-    # Same size, another mtime: hashed again.
+    # Same size, modified after the record: hashed again.
     st = (step / "a.bin").stat()
-    os.utime(step / "a.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    later = (step / "provenance.json").stat().st_mtime_ns + 1_000_000
+    os.utime(step / "a.bin", ns=(st.st_atime_ns, later))
     assert outputs.describe_input(step)["files"]["a.bin"] == _sha(b"A" * 1000)
 
 
