@@ -376,40 +376,61 @@ class RowBlocks:
     ``r`` >= 2), nor, at some widths, blocks starting off a multiple of 4 rows, nor, with
     2 threads, some blocks of 5–11 rows. So nothing is assumed: the first time a bake
     meets a product shape (``rows``, ``cols``, ``r``, block size, torch threads),
-    :func:`apply_op` computes it both ways, compares every block with ``torch.equal`` and
-    records the answer here; that tensor is baked from the full product, and later tensors
-    of that shape by row blocks only where the blocks agreed (a summation order does not
-    depend on the values, so one comparison decides the shape; two workers may both
-    verify a shape they meet at once). ``block_bytes``: fp32 bytes of a row block
-    (default :data:`DELTA_BLOCK_BYTES`). Thread-safe.
+    :meth:`agree` computes a product of that shape from random fp32 ``A`` and ``B`` (fixed
+    seed) both ways and compares every block with ``torch.equal``; tensors of that shape
+    use row blocks only where they agreed, the full product otherwise. A kernel's
+    summation order depends on shapes, strides, alignment and threads, never on the
+    values, and random values expose any difference in it (the adapter's own values might
+    not: an untrained ``B`` is all zeros); the probe's tensors are laid out as the bake's
+    (fresh, 64-byte-aligned, contiguous). Two workers may both probe a shape they meet at
+    once. ``block_bytes``: fp32 bytes of a row block (default :data:`DELTA_BLOCK_BYTES`).
+    Thread-safe.
     """
 
     def __init__(self, block_bytes: int | None = None) -> None:
         self.block_bytes = DELTA_BLOCK_BYTES if block_bytes is None else block_bytes
         self._lock = threading.Lock()
         self.verdicts: dict[tuple[int, ...], bool] = {}
-        self.blocked_ops = 0  # ops computed by row blocks
-        self.full_ops = 0  # plain-LoRA linear ops computed from the full product
+        self.blocked_ops = 0  # plain-LoRA linear ops computed by row blocks
+        self.full_ops = 0  # ... and from the full product
 
-    def key(self, rows: int, cols: int, rank: int) -> tuple[int, ...]:
+    def agree(self, rows: int, cols: int, rank: int, scratch: Scratch) -> bool:
+        """Whether :func:`row_blocks` of a ``rows × rank`` by ``rank × cols`` fp32 product
+        are bit-identical to the full product here (probed once per shape, then recorded).
+        A product of one block is the full product: ``True`` without a probe."""
         import torch
 
-        return (rows, cols, rank, self.block_bytes, torch.get_num_threads())
-
-    def verdict(self, key: tuple[int, ...]) -> bool | None:
+        spans = row_blocks(rows, cols, self.block_bytes)
+        if len(spans) == 1:
+            return True
+        key = (rows, cols, rank, self.block_bytes, torch.get_num_threads())
         with self._lock:
-            return self.verdicts.get(key)
-
-    def record(self, key: tuple[int, ...], same: bool | None, blocked: bool) -> None:
+            known = self.verdicts.get(key)
+        if known is not None:
+            return known
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(rank, cols, generator=g)
+        b = torch.randn(rows, rank, generator=g)
+        full = torch.matmul(b, a, out=scratch.full(rows, cols))
+        tall = max(j - i for i, j in spans)
+        same = all(
+            torch.equal(_rows_product(b[i:j], a, scratch.block(tall, cols)[: j - i]), full[i:j])
+            for i, j in spans
+        )
         with self._lock:
-            if same is not None and key not in self.verdicts:
-                self.verdicts[key] = same
-                if not same:
-                    log.info(
-                        "stream bake: row blocks of B @ A (rows, cols, r = %s) differ from "
-                        "the full product on this BLAS; those tensors use the full product",
-                        key[:3],
-                    )
+            if key not in self.verdicts and not same:
+                log.info(
+                    "stream bake: row blocks of B @ A (%d × %d, r=%d) differ from the full "
+                    "product with this BLAS; tensors of that shape use the full product",
+                    rows,
+                    cols,
+                    rank,
+                )
+            self.verdicts[key] = same
+        return same
+
+    def count(self, blocked: bool) -> None:
+        with self._lock:
             if blocked:
                 self.blocked_ops += 1
             else:
@@ -431,46 +452,32 @@ def _linear(weight, a, b, scale: float, fan: bool, scratch: Scratch | None, bloc
     """Vanilla LoRA on a linear layer, PEFT's ``Linear.merge``: ``W += T(B @ A) * scale``.
 
     ``weight``: ``out × in`` (``in × out`` with ``fan_in_fan_out``), any float dtype;
-    ``a``: ``r × in`` and ``b``: ``out × r``, fp32. With ``blocks`` (:class:`RowBlocks`) the
+    ``a``: ``r × in`` and ``b``: ``out × r``, fp32. With ``blocks`` (:class:`RowBlocks`),
+    where row blocks of this product shape agree with the full product bit for bit, the
     product is computed a row block of ``B`` at a time into one cache-sized buffer (fp32
     ``block × in``, about :data:`DELTA_BLOCK_BYTES`), scaled and added to the same rows of
-    ``W`` (columns with ``fan_in_fan_out``) while it is in cache, for product shapes
-    verified bit-identical to the full product; otherwise (and to verify) the full fp32
-    ``out × in`` product is computed first, as PEFT does, then scaled and added by the
-    same row blocks. The elementwise ops are PEFT's either way, per element.
+    ``W`` (columns with ``fan_in_fan_out``) while it is in cache. Otherwise the full fp32
+    ``out × in`` product is computed first, as PEFT does (into ``scratch`` when given),
+    then scaled and added a row block at a time. The elementwise ops are PEFT's either
+    way, element for element.
     """
     import torch
 
     rows, cols = b.shape[0], a.shape[1]
-    if blocks is None:
-        full = torch.matmul(b, a, out=scratch.full(rows, cols)) if scratch is not None else b @ a
-        if fan:
-            _add_scaled(weight, full, slice(None), scale, True)
-            return weight
-        for i, j in row_blocks(rows, cols, BLOCK_ELEMENTS * 4):
-            _add_scaled(weight, full[i:j], slice(i, j), scale, False)
-        return weight
-    scratch = scratch if scratch is not None else Scratch()
-    spans = row_blocks(rows, cols, blocks.block_bytes)
-    key = blocks.key(rows, cols, a.shape[0])
-    same = blocks.verdict(key)
-    tall = max(j - i for i, j in spans)
-    if same:
+    scratch = scratch if scratch is not None or blocks is None else Scratch()
+    if blocks is not None and blocks.agree(rows, cols, a.shape[0], scratch):
+        spans = row_blocks(rows, cols, blocks.block_bytes)
+        tall = max(j - i for i, j in spans)
         for i, j in spans:
             block = _rows_product(b[i:j], a, scratch.block(tall, cols)[: j - i])
             _add_scaled(weight, block, slice(i, j), scale, fan)
-        blocks.record(key, None, True)
+        blocks.count(blocked=True)
         return weight
-    full = torch.matmul(b, a, out=scratch.full(rows, cols))  # PEFT's product
-    verdict = None
-    if same is None and len(spans) > 1:  # the first of its shape: do row blocks agree?
-        verdict = all(
-            torch.equal(_rows_product(b[i:j], a, scratch.block(tall, cols)[: j - i]), full[i:j])
-            for i, j in spans
-        )
-    for i, j in spans:
+    full = torch.matmul(b, a, out=scratch.full(rows, cols)) if scratch is not None else b @ a
+    for i, j in row_blocks(rows, cols, BLOCK_ELEMENTS * 4):
         _add_scaled(weight, full[i:j], slice(i, j), scale, fan)
-    blocks.record(key, verdict, False)
+    if blocks is not None:
+        blocks.count(blocked=False)
     return weight
 
 
@@ -760,7 +767,7 @@ class _Workers:
         if self.blocks is not None:
             log.info(
                 "stream bake: %d linear delta(s) by row blocks of %d bytes, %d from the full "
-                "product (%d shape(s) verified, %d not bit-identical by blocks)",
+                "product (%d product shape(s) probed, %d not bit-identical by blocks)",
                 self.blocks.blocked_ops,
                 self.blocks.block_bytes,
                 self.blocks.full_ops,

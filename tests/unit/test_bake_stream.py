@@ -596,8 +596,9 @@ def test_row_block_products_equal_peft_on_many_shapes():
     """For ranks 1…256, odd row counts, widths and block sizes that do not divide them
     (incl. a last block joined to the one before), fan_in_fan_out or not, bf16/fp16/fp32:
     apply_op with RowBlocks gives PEFT's merged weight bit for bit, both the first time a
-    shape is met (full product, blocks compared) and after (row blocks where they agreed).
-    On this machine's BLAS the aligned row blocks agree for every multi-block shape."""
+    shape is met (probed) and after (the recorded verdict). On this machine's BLAS the
+    aligned row blocks agree for every multi-block shape, so the row-block path is what
+    is compared here."""
     from mergebake.stream import LoraOp, RowBlocks, Scratch, apply_op
 
     g = torch.Generator().manual_seed(0)
@@ -616,7 +617,7 @@ def test_row_block_products_equal_peft_on_many_shapes():
                         want, scale = _peft_linear_merge(w, a, b, r, 2 * r + 1, r == 64, fan)
                         op = LoraOp("m", "linear", scale, "a", "b", fan_in_fan_out=fan)
                         blocks, scratch = RowBlocks(block_rows * cols * 4), Scratch()
-                        for turn in ("verify", "reuse"):
+                        for turn in ("probe", "recorded"):
                             got = apply_op(w.clone(), op, {"a": a, "b": b}, scratch, blocks)
                             assert got.dtype == want.dtype and torch.equal(got, want), (
                                 r,
@@ -629,8 +630,10 @@ def test_row_block_products_equal_peft_on_many_shapes():
                             )
                             cases += 1
                         verdicts.update(blocks.verdicts)
-                        if blocks.verdicts and all(blocks.verdicts.values()):
-                            assert blocks.blocked_ops == 1  # the second turn used row blocks
+                        agreed = all(blocks.verdicts.values())  # one block: no probe, True
+                        assert (blocks.blocked_ops, blocks.full_ops) == (
+                            (2, 0) if agreed else (0, 2)
+                        )
     assert cases == 2 * 6 * 2 * 2 * (4 * 1 + 2 * 3)
     # one verdict per multi-block product shape (rows 1, 3 and 17 are one block)
     assert len(verdicts) == 6 * 3 * 2 and all(verdicts.values()), [
@@ -660,12 +663,8 @@ def test_row_blocks_bit_identical_to_peft(bases, tmp_path, monkeypatch, arch, dt
     """Several row blocks per tensor (16 or 48 rows of the 64-wide layers, so 64-, 128-,
     192- and 256-row products end in a shorter block), all-linear with rank patterns and
     rsLoRA, Conv1D (fan_in_fan_out) for GPT-2: every tensor equals PEFT's, and the second
-    layer's tensors of each shape were computed by row blocks (one worker, so that no two
-    tensors of a shape are verified at once and the counts are exact)."""
-    import mergebake.stream as stream
-
+    tensor was computed by row blocks."""
     made = _spy_row_blocks(monkeypatch, block_rows * 64 * 4)
-    monkeypatch.setattr(stream, "worker_count", lambda threads, jobs: (1, 1))
     base = bases(arch, dtype)
     targets = "all-linear" if arch == "llama" else ("c_attn", "c_fc", "c_proj")
     adapter = make_lora(
@@ -679,16 +678,15 @@ def test_row_blocks_bit_identical_to_peft(bases, tmp_path, monkeypatch, arch, dt
     )
     assert_like_peft(base, adapter, tmp_path)
     (blocks,) = made
-    # (verified shapes, ops from the full product, ops by row blocks): Llama's q/o (64 rows),
+    # (shapes probed, ops from the full product, ops by row blocks): Llama's q/o (64 rows),
     # k (32), v (32, r=5), gate/up (128) and down (64 of 128 columns; 16-row blocks) are 5
-    # shapes, 14 ops; k and v are one 48-row block (full product, no verdict). GPT-2's
-    # c_attn (192 rows), c_fc (256, r=16) and the two c_proj (64 of 64 and of 256 columns)
-    # are 4 shapes, 8 ops. The first op of a shape verifies, the next one uses row blocks.
+    # shapes, 14 ops; k and v are one 48-row block (no probe). GPT-2's c_attn (192 rows),
+    # c_fc (256, r=16) and the two c_proj (64 of 64 and of 256 columns) are 4 shapes, 8 ops.
     want = {
-        ("llama", 16): (5, 5, 9),
-        ("llama", 48): (3, 7, 7),
-        ("gpt2", 16): (4, 4, 4),
-        ("gpt2", 48): (4, 4, 4),
+        ("llama", 16): (5, 0, 14),
+        ("llama", 48): (3, 0, 14),
+        ("gpt2", 16): (4, 0, 8),
+        ("gpt2", 48): (4, 0, 8),
     }[arch, block_rows]
     assert all(blocks.verdicts.values()), blocks.verdicts
     assert (len(blocks.verdicts), blocks.full_ops, blocks.blocked_ops) == want
@@ -696,8 +694,8 @@ def test_row_blocks_bit_identical_to_peft(bases, tmp_path, monkeypatch, arch, dt
 
 def test_row_blocks_that_differ_fall_back_to_the_full_product(bases, tmp_path, monkeypatch):
     """Where a row block's product is not bit-identical to the full one (simulated: every
-    block product off by 1e-3), each shape is found out on its first tensor and every
-    tensor is baked from the full product: the output still equals PEFT's."""
+    block product off by 1e-3), the probe of each shape finds it out and every tensor is
+    baked from the full product: the output still equals PEFT's."""
     import mergebake.stream as stream
 
     made = _spy_row_blocks(monkeypatch, 16 * 64 * 4)
@@ -709,3 +707,35 @@ def test_row_blocks_that_differ_fall_back_to_the_full_product(bases, tmp_path, m
     (blocks,) = made
     assert blocks.verdicts and not any(blocks.verdicts.values())
     assert blocks.blocked_ops == 0 and blocks.full_ops == 2 * 7  # 2 layers of 7 linear
+
+
+def test_probe_verdicts_are_the_blas_own(bases, tmp_path, monkeypatch):
+    """With blocks of 1–16 rows allowed (ROW_ALIGN 1), the probe's verdict on each shape is
+    what this BLAS really does with other values (here MKL computes 1–3-row blocks of a
+    rank >= 2 product differently from the full product), and a bake with 1-row blocks,
+    where each shape falls back as its probe says, still equals PEFT's bit for bit."""
+    import mergebake.stream as stream
+
+    monkeypatch.setattr(stream, "ROW_ALIGN", 1)
+    g = torch.Generator().manual_seed(7)
+    for r in (1, 2, 8, 64):
+        for rows_per in (1, 2, 3, 4, 16):
+            blocks = stream.RowBlocks(rows_per * 64 * 4)
+            a, b = torch.randn(r, 64, generator=g), torch.randn(256, r, generator=g)
+            full = b @ a
+            truth = all(
+                torch.equal(b[i:j] @ a, full[i:j])
+                for i, j in stream.row_blocks(256, 64, blocks.block_bytes)
+            )
+            assert blocks.agree(256, 64, r, stream.Scratch()) == truth, (r, rows_per)
+    made = _spy_row_blocks(monkeypatch, 64 * 4)  # 1 row of the 64-wide layers
+    base = bases("llama", "bf16")
+    adapter = make_lora(base, tmp_path / "lora", target_modules="all-linear")
+    assert_like_peft(base, adapter, tmp_path)
+    (blocks,) = made
+    # r=4 products, ops per (rows, cols): q/o, k/v, gate/up: 4 each (2 layers), down: 2
+    ops = {(64, 64): 4, (32, 64): 4, (128, 64): 4, (64, 128): 2}
+    verdicts = {k[:2]: v for k, v in blocks.verdicts.items()}
+    assert sorted(verdicts) == sorted(ops)
+    assert blocks.full_ops == sum(n for shape, n in ops.items() if not verdicts[shape])
+    assert blocks.blocked_ops == sum(n for shape, n in ops.items() if verdicts[shape])
