@@ -17,13 +17,17 @@ i.e. ``wait4`` rusage of that process; the benchmark's own process never imports
 so no child inherits its pages), the ratios the engine is held to (PEFT / stream wall,
 target >= 3x; stream / ``cp`` wall, target <= 1.5x; stream vs the floor ``cp`` +
 ``deltas`` for information), and whether every tensor of the stream output is
-bit-identical to PEFT's. Each figure is the minimum wall (and the maximum peak RSS) of
-``--repeat`` runs (3) at the small size, and of ``--large-repeat`` runs (1) at the large
-one (``--large-layers``, 64 by default: 4× the parameters of the linear layers, 4.9 GB),
-which also shows that the streaming bake's peak RSS does not grow with the model. The
-load average is printed before and after each size: the figures mean little on a busy
-machine. The work folder (a temporary one by default) loses the bake outputs after each
-size, and its generated checkpoints at the end unless ``--keep``.
+bit-identical to PEFT's (same names, dtypes, shapes and sha256 of every tensor's bytes).
+Each figure is the minimum wall (and the maximum peak RSS) of ``--repeat`` runs (3) at
+the small size, and of ``--large-repeat`` runs (1) at the large one (``--large-layers``,
+64 by default: 4× the parameters of the linear layers, 4.9 GB), which also shows that the
+streaming bake's peak RSS does not grow with the model. Every process starts from the
+same page-cache state: each output is deleted right after its run (a 4.9 GB output left
+in the cache makes the next writer pay the kernel's reclaim: measured here, the stream
+bake took 14 s after a ``cp`` whose copy stayed, 11.5 s otherwise), and ``sync`` (not
+timed) runs before each. The load average is printed before and after each size: the
+figures mean little on a busy machine. The work folder (a temporary one by default)
+keeps its generated checkpoints only with ``--keep``.
 
 ``--arithmetic`` instead times, in one process, the stream engine's delta arithmetic for
 one layer of the large checkpoint's shapes (7 linear modules, 37.7M parameters) on one
@@ -167,31 +171,42 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, f
     return wall, rss_kb / 1024
 
 
-def identical(a: Path, b: Path) -> str:
-    """'yes' when every tensor of checkpoint ``a`` equals (torch.equal) the one in ``b``."""
+def digest(folder: Path, record: Path) -> None:
+    """Write ``{tensor name: [dtype, shape, sha256 of its bytes]}`` of checkpoint ``folder``
+    to the JSON file ``record`` (equal digests: bit-identical tensors, whatever the file
+    layout)."""
+    import hashlib
+    import json
+
     import torch
     from safetensors import safe_open
 
-    def index(folder: Path) -> dict[str, Path]:
-        out = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(f, framework="pt") as fh:
-                out.update({k: f for k in fh.keys()})
-        return out
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as fh:
+            for name in fh.keys():
+                t = fh.get_tensor(name).contiguous()
+                raw = t.reshape(-1).view(torch.uint8).numpy()
+                out[name] = [str(t.dtype), list(t.shape), hashlib.sha256(raw).hexdigest()]
+    record.write_text(json.dumps(out, sort_keys=True))
 
-    ia, ib = index(a), index(b)
-    if set(ia) != set(ib):
-        return f"no: names differ ({sorted(set(ia) ^ set(ib))[:3]})"
-    for name in ia:
-        with safe_open(ia[name], framework="pt") as fa, safe_open(ib[name], framework="pt") as fb:
-            x, y = fa.get_tensor(name), fb.get_tensor(name)
-            if x.dtype != y.dtype or not torch.equal(x, y):
-                return f"no: {name} differs"
-    return f"yes, all {len(ia)} tensors torch.equal"
+
+def identical(a: Path, b: Path) -> str:
+    """'yes' when the digests (:func:`digest`) ``a`` and ``b`` name the same tensors with the
+    same dtypes, shapes and bytes."""
+    import json
+
+    da, db = json.loads(a.read_text()), json.loads(b.read_text())
+    if set(da) != set(db):
+        return f"no: names differ ({sorted(set(da) ^ set(db))[:3]})"
+    for name in sorted(da):
+        if da[name] != db[name]:
+            return f"no: {name} differs"
+    return f"yes, all {len(da)} tensors bit-identical (dtype, shape, sha256 of the bytes)"
 
 
 def helper(*args: str) -> str:
-    """Run this file's ``--generate``/``--identical`` in a child (torch stays out of here)."""
+    """Run this file's ``--generate``/``--digest`` in a child (torch stays out of here)."""
     return (
         subprocess.run([PY, __file__, *args], check=True, capture_output=True, text=True)
         .stdout.strip()
@@ -212,16 +227,26 @@ def run_size(
         flush=True,
     )
     runs: dict[str, list[tuple[float, float]]] = {}
+    digests = {k: folder / f"digest-{k}.json" for k in ("stream", "peft")}
 
-    def once(name: str, cmd: list[str], out: Path) -> None:
+    def once(name: str, cmd: list[str], out: Path, last: bool) -> None:
+        """Measure one process from the same page-cache state as the others: no output of
+        an earlier one left behind (it would crowd the cache, and the next writer pays the
+        reclaim), nothing dirty (``sync``, not timed). Its output is then deleted, after a
+        digest of the last stream and PEFT outputs for the bit-identity check."""
         shutil.rmtree(out, ignore_errors=True)
+        os.sync()
         runs.setdefault(name, []).append(measure(cmd, env))
         print(f"  {name:<7} {runs[name][-1][0]:7.2f} s {runs[name][-1][1]:8.0f} MB", flush=True)
+        if last and name in digests:
+            helper("--digest", str(out), str(digests[name]))
+        shutil.rmtree(out, ignore_errors=True)
 
     outs = {k: folder / f"out-{k}" for k in ("peft", "stream", "cp")}
-    for _ in range(repeat):
-        once("cp", ["cp", "-r", str(base), str(outs["cp"])], outs["cp"])
-        once("deltas", [PY, "-c", DELTAS_SCRIPT, str(adapter)], outs["cp"].with_name("none"))
+    for i in range(repeat):
+        last = i == repeat - 1
+        once("cp", ["cp", "-r", str(base), str(outs["cp"])], outs["cp"], last)
+        once("deltas", [PY, "-c", DELTAS_SCRIPT, str(adapter)], outs["cp"].with_name("none"), last)
         once(
             "stream",
             [
@@ -237,19 +262,21 @@ def run_size(
                 str(outs["stream"]),
             ],
             outs["stream"],
+            last,
         )
         if with_peft:
             once(
                 "peft",
                 [PY, "-c", PEFT_SCRIPT, str(base), str(adapter), str(outs["peft"])],
                 outs["peft"],
+                last,
             )
     best = {k: (min(w for w, _ in v), max(r for _, r in v)) for k, v in runs.items()}
     print(f"  {load()}", flush=True)
     if with_peft:
-        best["_identical"] = helper("--identical", str(outs["stream"]), str(outs["peft"]))
-    for out in outs.values():
-        shutil.rmtree(out, ignore_errors=True)
+        best["_identical"] = identical(digests["stream"], digests["peft"])
+    for d in digests.values():
+        d.unlink(missing_ok=True)
     return best
 
 
@@ -337,14 +364,15 @@ def main() -> None:
     ap.add_argument("--skip-peft-large", action="store_true")
     ap.add_argument("--threads", type=int, help="OMP/MKL threads of every process")
     ap.add_argument("--generate", nargs=2, metavar=("DIR", "LAYERS"), help=argparse.SUPPRESS)
-    ap.add_argument("--identical", nargs=2, metavar=("A", "B"), help=argparse.SUPPRESS)
+    ap.add_argument("--digest", nargs=2, metavar=("DIR", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.generate:
         generate(Path(args.generate[0]), int(args.generate[1]))
         print("generated")
         return
-    if args.identical:
-        print(identical(Path(args.identical[0]), Path(args.identical[1])))
+    if args.digest:
+        digest(Path(args.digest[0]), Path(args.digest[1]))
+        print("digested")
         return
     if args.arithmetic:
         subprocess.run([PY, "-c", ARITHMETIC_SCRIPT], check=True)
