@@ -430,6 +430,7 @@ class RowBlocks:
         return same
 
     def count(self, blocked: bool) -> None:
+        """Count one plain-LoRA linear op, computed by row blocks or from the full product."""
         with self._lock:
             if blocked:
                 self.blocked_ops += 1
@@ -919,11 +920,15 @@ def _write_index(splan: StreamPlan, out: Path, total: int) -> None:
 
 
 __all__ = [
+    "DELTA_BLOCK_BYTES",
     "LoraOp",
+    "RowBlocks",
+    "Scratch",
     "Storage",
     "StreamPlan",
     "apply_op",
     "plan_stream",
+    "row_blocks",
     "run_stream",
     "worker_count",
 ]
