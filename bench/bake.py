@@ -14,14 +14,31 @@ modules, fp32 as PEFT saves it), then times, each as a separate process with its
 
 and prints wall seconds and peak RSS of each (``/usr/bin/time``'s maximum resident set,
 i.e. ``wait4`` rusage of that process; the benchmark's own process never imports torch,
-so no child inherits its pages), the ratios the engine is held to (stream vs PEFT, stream
-vs the floor ``cp`` + ``deltas``), and whether every tensor of the stream output is
-bit-identical to PEFT's. A second size
-(``--large-layers``, 64 by default: 4× the parameters of the linear layers) shows that the
-streaming bake's peak RSS does not grow with the model. Usage:
+so no child inherits its pages), the ratios the engine is held to (PEFT / stream wall,
+target >= 3x; stream / ``cp`` wall, target <= 1.5x; stream vs the floor ``cp`` +
+``deltas`` for information), and whether every tensor of the stream output is
+bit-identical to PEFT's (same names, dtypes, shapes and sha256 of every tensor's bytes).
+Each figure is the minimum wall (and the maximum peak RSS) of ``--repeat`` runs (3) at
+the small size, and of ``--large-repeat`` runs (1) at the large one (``--large-layers``,
+64 by default: 4× the parameters of the linear layers, 4.9 GB), which also shows that the
+streaming bake's peak RSS does not grow with the model. Every process starts from the
+same page-cache state: each output is deleted right after its run (a 4.9 GB output left
+in the cache makes the next writer pay the kernel's reclaim: measured here, the stream
+bake took 14 s after a ``cp`` whose copy stayed, 11.5 s otherwise), and ``sync`` (not
+timed) runs before each. The load average is printed before and after each size: the
+figures mean little on a busy machine. The work folder (a temporary one by default)
+keeps its generated checkpoints only with ``--keep``.
 
-    python bench/bake.py [--work DIR] [--repeat 3] [--large-layers 64] [--skip-peft-large]
-                         [--threads N] [--keep]
+``--arithmetic`` instead times, in one process, the stream engine's delta arithmetic for
+one layer of the large checkpoint's shapes (7 linear modules, 37.7M parameters) on one
+thread: the full fp32 ``B @ A`` product then the scaled add, against row blocks of
+``B @ A`` (:class:`mergebake.stream.RowBlocks`) of several sizes, in CPU milliseconds
+(``time.thread_time``, so other processes on the machine disturb it less), at ranks 16,
+64 and 256. Usage:
+
+    python bench/bake.py [--work DIR] [--keep] [--repeat 3] [--large-repeat 1]
+                         [--large-layers 64] [--skip-peft-large] [--threads N]
+    python bench/bake.py --arithmetic
 """
 
 from __future__ import annotations
@@ -29,7 +46,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,31 +171,42 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, f
     return wall, rss_kb / 1024
 
 
-def identical(a: Path, b: Path) -> str:
-    """'yes' when every tensor of checkpoint ``a`` equals (torch.equal) the one in ``b``."""
+def digest(folder: Path, record: Path) -> None:
+    """Write ``{tensor name: [dtype, shape, sha256 of its bytes]}`` of checkpoint ``folder``
+    to the JSON file ``record`` (equal digests: bit-identical tensors, whatever the file
+    layout)."""
+    import hashlib
+    import json
+
     import torch
     from safetensors import safe_open
 
-    def index(folder: Path) -> dict[str, Path]:
-        out = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(f, framework="pt") as fh:
-                out.update({k: f for k in fh.keys()})
-        return out
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as fh:
+            for name in fh.keys():
+                t = fh.get_tensor(name).contiguous()
+                raw = t.reshape(-1).view(torch.uint8).numpy()
+                out[name] = [str(t.dtype), list(t.shape), hashlib.sha256(raw).hexdigest()]
+    record.write_text(json.dumps(out, sort_keys=True))
 
-    ia, ib = index(a), index(b)
-    if set(ia) != set(ib):
-        return f"no: names differ ({sorted(set(ia) ^ set(ib))[:3]})"
-    for name in ia:
-        with safe_open(ia[name], framework="pt") as fa, safe_open(ib[name], framework="pt") as fb:
-            x, y = fa.get_tensor(name), fb.get_tensor(name)
-            if x.dtype != y.dtype or not torch.equal(x, y):
-                return f"no: {name} differs"
-    return f"yes, all {len(ia)} tensors torch.equal"
+
+def identical(a: Path, b: Path) -> str:
+    """'yes' when the digests (:func:`digest`) ``a`` and ``b`` name the same tensors with the
+    same dtypes, shapes and bytes."""
+    import json
+
+    da, db = json.loads(a.read_text()), json.loads(b.read_text())
+    if set(da) != set(db):
+        return f"no: names differ ({sorted(set(da) ^ set(db))[:3]})"
+    for name in sorted(da):
+        if da[name] != db[name]:
+            return f"no: {name} differs"
+    return f"yes, all {len(da)} tensors bit-identical (dtype, shape, sha256 of the bytes)"
 
 
 def helper(*args: str) -> str:
-    """Run this file's ``--generate``/``--identical`` in a child (torch stays out of here)."""
+    """Run this file's ``--generate``/``--digest`` in a child (torch stays out of here)."""
     return (
         subprocess.run([PY, __file__, *args], check=True, capture_output=True, text=True)
         .stdout.strip()
@@ -196,20 +223,30 @@ def run_size(
     gb = (base / "model.safetensors").stat().st_size / 1e9
     print(
         f"\n[{label}] {layers} layers, {gb:.2f} GB bf16 (generated/checked in "
-        f"{time.perf_counter() - t0:.0f} s)",
+        f"{time.perf_counter() - t0:.0f} s); {repeat} run(s) each; {load()}",
         flush=True,
     )
     runs: dict[str, list[tuple[float, float]]] = {}
+    digests = {k: folder / f"digest-{k}.json" for k in ("stream", "peft")}
 
-    def once(name: str, cmd: list[str], out: Path) -> None:
+    def once(name: str, cmd: list[str], out: Path, last: bool) -> None:
+        """Measure one process from the same page-cache state as the others: no output of
+        an earlier one left behind (it would crowd the cache, and the next writer pays the
+        reclaim), nothing dirty (``sync``, not timed). Its output is then deleted, after a
+        digest of the last stream and PEFT outputs for the bit-identity check."""
         shutil.rmtree(out, ignore_errors=True)
+        os.sync()
         runs.setdefault(name, []).append(measure(cmd, env))
         print(f"  {name:<7} {runs[name][-1][0]:7.2f} s {runs[name][-1][1]:8.0f} MB", flush=True)
+        if last and name in digests:
+            helper("--digest", str(out), str(digests[name]))
+        shutil.rmtree(out, ignore_errors=True)
 
     outs = {k: folder / f"out-{k}" for k in ("peft", "stream", "cp")}
-    for _ in range(repeat):
-        once("cp", ["cp", "-r", str(base), str(outs["cp"])], outs["cp"])
-        once("deltas", [PY, "-c", DELTAS_SCRIPT, str(adapter)], outs["cp"].with_name("none"))
+    for i in range(repeat):
+        last = i == repeat - 1
+        once("cp", ["cp", "-r", str(base), str(outs["cp"])], outs["cp"], last)
+        once("deltas", [PY, "-c", DELTAS_SCRIPT, str(adapter)], outs["cp"].with_name("none"), last)
         once(
             "stream",
             [
@@ -225,24 +262,33 @@ def run_size(
                 str(outs["stream"]),
             ],
             outs["stream"],
+            last,
         )
         if with_peft:
             once(
                 "peft",
                 [PY, "-c", PEFT_SCRIPT, str(base), str(adapter), str(outs["peft"])],
                 outs["peft"],
+                last,
             )
-    best = {k: (statistics.median(w for w, _ in v), max(r for _, r in v)) for k, v in runs.items()}
+    best = {k: (min(w for w, _ in v), max(r for _, r in v)) for k, v in runs.items()}
+    print(f"  {load()}", flush=True)
     if with_peft:
-        best["_identical"] = helper("--identical", str(outs["stream"]), str(outs["peft"]))
-    for out in outs.values():
-        shutil.rmtree(out, ignore_errors=True)
+        best["_identical"] = identical(digests["stream"], digests["peft"])
+    for d in digests.values():
+        d.unlink(missing_ok=True)
     return best
+
+
+def load() -> str:
+    """The load average, as ``uptime`` says it."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} on {os.cpu_count()} CPUs"
 
 
 def table(label: str, res: dict) -> None:
     floor = res["cp"][0] + res["deltas"][0]
-    print(f"\n{label}: median wall s / peak RSS MB of each process")
+    print(f"\n{label}: min wall s / peak RSS MB of each process")
     print(f"  {'process':<28}{'wall s':>9}{'peak RSS MB':>14}")
     rows = [
         ("peft (load+merge+save)", "peft"),
@@ -254,34 +300,82 @@ def table(label: str, res: dict) -> None:
         if key in res:
             print(f"  {text:<28}{res[key][0]:>9.2f}{res[key][1]:>14.0f}")
     print(f"  {'floor = cp + deltas':<28}{floor:>9.2f}")
-    s = res["stream"]
-    print(f"  stream / floor wall: {s[0] / floor:.2f}x (target <= 1.5x)")
+    s, cp = res["stream"], res["cp"]
     if "peft" in res:
         p = res["peft"]
         print(
-            f"  peft / stream wall: {p[0] / s[0]:.1f}x (target >= 3x); stream RSS / peft RSS: "
-            f"{100 * s[1] / p[1]:.0f}% (target <= 30%)"
+            f"  stream vs PEFT: PEFT / stream wall = {p[0] / s[0]:.2f}x (target >= 3x); "
+            f"stream RSS / PEFT RSS = {100 * s[1] / p[1]:.0f}%"
         )
+    print(f"  stream vs cp:   stream / cp wall = {s[0] / cp[0]:.2f}x (target <= 1.5x)")
+    print(f"  stream vs floor: stream / (cp + deltas) wall = {s[0] / floor:.2f}x")
+    if "peft" in res:
         print(f"  stream output bit-identical to PEFT: {res['_identical']}")
+
+
+ARITHMETIC_SCRIPT = """
+import sys, time, torch
+from mergebake.stream import LoraOp, RowBlocks, Scratch, apply_op
+torch.set_num_threads(1)
+torch.manual_seed(0)
+H, I = 1536, 6144
+shapes = [(2048, H), (1024, H), (1024, H), (H, 2048), (I, H), (I, H), (H, I)]
+print("one layer of the large checkpoint (q, k, v, o, gate, up, down: 37.7M parameters, "
+      "75 MB bf16) on one thread: CPU ms, min / median of 6 after a first pass")
+for r in (16, 64, 256):
+    layer = []
+    for k, (rows, cols) in enumerate(shapes):
+        w = (torch.randn(rows, cols) * 0.02).to(torch.bfloat16)
+        t = {f"a{k}": torch.randn(r, cols) * 0.01, f"b{k}": torch.randn(rows, r) * 0.01}
+        layer.append((w, LoraOp(f"m{k}", "linear", 2.0, f"a{k}", f"b{k}"), t))
+    def run(blocks):
+        scratch, times = Scratch(), []
+        for _ in range(7):
+            t0 = time.thread_time()
+            for w, op, t in layer:
+                apply_op(w, op, t, scratch, blocks)
+            times.append(time.thread_time() - t0)
+        times = sorted(times[1:])
+        return f"{1000 * times[0]:6.1f} / {1000 * times[3]:6.1f}"
+    print(f"  r={r:<3}: full fp32 B@A, then the scaled add  {run(None)}")
+    for kib in (256, 512, 1024, 2048, 4096):
+        blocks = RowBlocks(kib * 1024)
+        ms = run(blocks)
+        how = "by row blocks" if all(blocks.verdicts.values()) else "NOT bit-identical: full"
+        print(f"  r={r:<3}: row blocks of {kib:4d} KiB fp32           {ms}  ({how})")
+"""
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, help="folder for checkpoints (kept); default: a temp dir")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--work", type=Path, help="folder for the checkpoints; default: a temp dir")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the generated checkpoints for the next run"
+    )
+    ap.add_argument("--repeat", type=int, default=3, help="runs at the small size (min taken)")
+    ap.add_argument("--large-repeat", type=int, default=1, help="runs at the large size")
+    ap.add_argument(
+        "--arithmetic",
+        action="store_true",
+        help="time the delta arithmetic per layer (full product vs row blocks) and exit",
+    )
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--large-layers", type=int, default=64, help="0 to skip the second size")
     ap.add_argument("--skip-peft-large", action="store_true")
     ap.add_argument("--threads", type=int, help="OMP/MKL threads of every process")
     ap.add_argument("--generate", nargs=2, metavar=("DIR", "LAYERS"), help=argparse.SUPPRESS)
-    ap.add_argument("--identical", nargs=2, metavar=("A", "B"), help=argparse.SUPPRESS)
+    ap.add_argument("--digest", nargs=2, metavar=("DIR", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.generate:
         generate(Path(args.generate[0]), int(args.generate[1]))
         print("generated")
         return
-    if args.identical:
-        print(identical(Path(args.identical[0]), Path(args.identical[1])))
+    if args.digest:
+        digest(Path(args.digest[0]), Path(args.digest[1]))
+        print("digested")
+        return
+    if args.arithmetic:
+        subprocess.run([PY, "-c", ARITHMETIC_SCRIPT], check=True)
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="mergebake-bench-bake-"))
     env = dict(
@@ -300,7 +394,7 @@ def main() -> None:
             "large",
             work / "large",
             args.large_layers,
-            max(1, args.repeat - 1),
+            args.large_repeat,
             not args.skip_peft_large,
             env,
         )
@@ -309,8 +403,11 @@ def main() -> None:
             f"\nstream peak RSS {results['small']['stream'][1]:.0f} MB at {args.layers} layers, "
             f"{results['large']['stream'][1]:.0f} MB at {args.large_layers} layers"
         )
-    if not args.work:
-        shutil.rmtree(work)
+    if not args.keep:
+        for size in ("small", "large"):
+            shutil.rmtree(work / size, ignore_errors=True)
+        if not args.work or not any(work.iterdir()):
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -418,6 +418,30 @@ def _verify_baked(
         raise VerificationError(out, base, problems)
 
 
+def _in_background(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Start ``fn()`` in a daemon thread; return a function that waits for its result (or
+    raises its error). A daemon, so a bake refused meanwhile exits without waiting."""
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:
+            error.append(e)
+
+    thread = threading.Thread(target=run, name="bake-provenance", daemon=True)
+    thread.start()
+
+    def wait() -> Any:
+        thread.join()
+        if error:
+            raise error[0]
+        return result[0]
+
+    return wait
+
+
 def bake(
     base: str | os.PathLike,
     adapter: str | os.PathLike,
@@ -450,6 +474,11 @@ def bake(
         raise MergebakeError(f"bake engine {engine!r} is unknown; choose one of {sorted(ENGINES)}")
     base, adapter, out = Path(base), Path(adapter), Path(out)
     dev = bake_device(device)
+    # Hash the inputs for provenance in the background from the start, while the checks
+    # (mostly imports, on one core) and the engine run.
+    described = _in_background(
+        lambda: {k: describe_input(p) for k, p in (("base", base), ("adapter", adapter))}
+    )
     plan = preflight(
         base,
         adapter,
@@ -458,12 +487,6 @@ def bake(
         strict_base_match=strict_base_match,
     )
     write = ENGINES[engine](base, adapter, plan, trust_remote_code=trust_remote_code, device=dev)
-    # Hash the inputs for provenance in the background while the engine works.
-    hashing = ThreadPoolExecutor(1, thread_name_prefix="bake-provenance")
-    described = hashing.submit(
-        lambda: {k: describe_input(p) for k, p in (("base", base), ("adapter", adapter))}
-    )
-    hashing.shutdown(wait=False)
     with atomic_dir(out) as tmp:
         extra = write(tmp) or {}
         patch = extra.pop("config_patch", {})
@@ -484,7 +507,7 @@ def bake(
             tmp,
             step="bake",
             inputs={},
-            described=described.result(),
+            described=described(),
             params={
                 "engine": engine,
                 "lora": plan.essentials,

@@ -21,13 +21,20 @@ layouts), so every output tensor is bit-identical to PEFT's on the same machine:
   config says ``tie_word_embeddings: false``) and the ``base_layer`` copies PEFT saves
   beside an embedding LoRA (loaded into the shared tensor, which stays tied).
 
+Arithmetic: the plain-LoRA linear delta is computed a block of output rows at a time
+(``B[i:j] @ A``, about :data:`DELTA_BLOCK_BYTES` of fp32), scaled and added to those rows
+of ``W`` while the block is in cache, for every product shape where the first tensor of
+that shape proved the blocks bit-identical to the full product (:class:`RowBlocks`);
+otherwise, and for DoRA and embeddings, the full fp32 ``B @ A`` is computed as PEFT does.
+
 I/O: each base shard is written to an output shard of the same name, tensors in the same
-order with the same header (and metadata) unless a tensor is added. Tensors nothing
-touches are copied in the kernel (``copy_file_range``) and a shard nothing touches is
-hard-linked; the others are read with ``pread`` into a reused buffer, changed in place
-and written with ``pwrite`` at their final offsets, by one worker thread per torch
-thread (torch single-threaded inside each), beside a thread doing the kernel copies.
-Memory is a few tensors, whatever the size of the model; no file is memory-mapped.
+order with the same header (and metadata) unless a tensor is added; its disk space is
+reserved first. Tensors nothing touches are copied in the kernel (``copy_file_range``) by
+a thread of their own and a shard nothing touches is hard-linked; the others are read
+with ``pread`` into reused buffers (the kernel asked to read ahead the ones that follow),
+changed in place by one worker thread per torch thread (torch single-threaded inside
+each), and written at their final offsets with ``pwrite`` by one writer thread behind
+them. Memory is a few tensors, whatever the size of the model; no file is memory-mapped.
 Every check (options the engine does not reproduce, ranks, biases, shapes) runs in
 :func:`plan_stream`, before anything is written. File access is
 :mod:`mergebake.safetensors_io`.
@@ -39,6 +46,7 @@ import json
 import logging
 import math
 import os
+import queue
 import threading
 import time
 import warnings
@@ -65,7 +73,17 @@ from .safetensors_io import (
 
 log = logging.getLogger(__name__)
 
-BLOCK_ELEMENTS = 256 * 1024  # elementwise ops run on row blocks of about 1 MB of fp32
+BLOCK_ELEMENTS = 256 * 1024  # elementwise ops on a full delta: row blocks of about 1 MB fp32
+#: fp32 bytes of one row block of ``B @ A`` on the row-block path (:class:`RowBlocks`): the
+#: block's product, scale and add stay in cache (L2/L3). The best of 256 KiB…4 MiB measured
+#: with ``bench/bake.py --arithmetic`` (one layer of the 4.9 GB bench checkpoint, one
+#: thread, AMD EPYC, 1 MiB L2): 61 ms instead of 73 ms for the full product at r=64, 28
+#: instead of 41 at r=16, 202 instead of 203 at r=256; smaller blocks lose (MKL repacks
+#: ``A`` for every block).
+DELTA_BLOCK_BYTES = 2 * 1024 * 1024
+#: Row blocks start at multiples of this many rows and hold at least this many (BLAS
+#: kernels compute rows in tiles; see :class:`RowBlocks`).
+ROW_ALIGN = 16
 MAX_WORKERS = 4  # tensors baked at once ...
 WORKER_MEMORY = 2 * 1024**3  # ... within about this many bytes of buffers
 
@@ -293,17 +311,208 @@ def _t(weight, fan_in_fan_out: bool):
     return weight.T if fan_in_fan_out else weight
 
 
-def apply_op(weight, op: LoraOp, tensors: Mapping[str, Any], scratch=None):
-    """Apply one merge operation to ``weight`` (in place where PEFT works in place).
+def row_blocks(rows: int, cols: int, block_bytes: int | None = None) -> list[tuple[int, int]]:
+    """The ``[start, end)`` row ranges in which a ``rows × cols`` fp32 ``B @ A`` is computed.
 
-    ``tensors`` holds the op's adapter tensors already in fp32 on ``weight``'s device;
-    ``scratch``, an fp32 tensor of at least ``weight.numel()`` elements, receives the
-    plain-LoRA delta instead of a fresh allocation (page faults cost more than the
-    matmul). Returns the new weight (a new tensor for DoRA, as PEFT assigns
-    ``weight.data``).
+    Each block holds about ``block_bytes`` (default :data:`DELTA_BLOCK_BYTES`) of fp32,
+    rounded down to a multiple of :data:`ROW_ALIGN` rows and at least that many; every
+    block starts at a multiple of :data:`ROW_ALIGN`, and a last block shorter than that is
+    joined to the one before (so no block is smaller than :data:`ROW_ALIGN` rows unless
+    the whole matrix is). One block for a matrix of at most a block's rows.
+    """
+    block_bytes = DELTA_BLOCK_BYTES if block_bytes is None else block_bytes
+    step = max(ROW_ALIGN, block_bytes // (4 * max(1, cols)) // ROW_ALIGN * ROW_ALIGN)
+    blocks = [(i, min(rows, i + step)) for i in range(0, rows, step)]
+    if len(blocks) > 1 and blocks[-1][1] - blocks[-1][0] < ROW_ALIGN:
+        blocks.pop()
+        blocks[-1] = (blocks[-1][0], rows)
+    return blocks
+
+
+class Scratch:
+    """One worker's reused fp32 buffers (page faults cost more than the arithmetic).
+
+    :meth:`full` holds a whole ``B @ A`` (``rows × cols`` fp32: 4 bytes an element, e.g.
+    37.7 MB for 6144 × 1536), :meth:`block` one row block of it (about
+    :data:`DELTA_BLOCK_BYTES`). Each grows when asked for more and never shrinks; both
+    start 64-byte aligned (torch's CPU allocator), as the fresh tensor PEFT's ``b @ a``
+    writes into does.
+    """
+
+    def __init__(self) -> None:
+        self._full = None
+        self._block = None
+
+    @staticmethod
+    def _get(buf, rows: int, cols: int):
+        import torch
+
+        if buf is None or buf.numel() < rows * cols:
+            buf = None  # free the old one first
+            buf = torch.empty(rows * cols, dtype=torch.float32)
+        return buf
+
+    def full(self, rows: int, cols: int):
+        """An fp32 ``rows × cols`` view of the whole-matrix buffer."""
+        self._full = self._get(self._full, rows, cols)
+        return self._full[: rows * cols].view(rows, cols)
+
+    def block(self, rows: int, cols: int):
+        """An fp32 ``rows × cols`` view of the row-block buffer."""
+        self._block = self._get(self._block, rows, cols)
+        return self._block[: rows * cols].view(rows, cols)
+
+
+class RowBlocks:
+    """Row-block arithmetic of one bake, and the product shapes verified for it.
+
+    Whether ``B[i:j] @ A`` equals rows ``i:j`` of ``B @ A`` bit for bit is up to the BLAS
+    kernel, not to arithmetic: the inner dimension is only ``r``, but a kernel computes
+    rows in tiles and may take another code path (another summation order, FMA or not) for
+    a block that starts inside a tile or holds only a few rows, or for another thread
+    count. Measured with torch 2.13's MKL on an AMD EPYC (AVX-512), single-threaded: blocks
+    starting at multiples of 16 rows and holding at least 4 agreed with the full product
+    for every ``r`` in 1…256 and every width tried; blocks of 1–3 rows did not (for
+    ``r`` >= 2), nor, at some widths, blocks starting off a multiple of 4 rows, nor, with
+    2 threads, some blocks of 5–11 rows. So nothing is assumed: the first time a bake
+    meets a product shape (``rows``, ``cols``, ``r``, block size, torch threads),
+    :meth:`agree` computes a product of that shape from random fp32 ``A`` and ``B`` (fixed
+    seed) both ways and compares every block with ``torch.equal``; tensors of that shape
+    use row blocks only where they agreed, the full product otherwise. A kernel's
+    summation order depends on shapes, strides, alignment and threads, never on the
+    values, and random values expose any difference in it (the adapter's own values might
+    not: an untrained ``B`` is all zeros); the probe's tensors are laid out as the bake's
+    (fresh, 64-byte-aligned, contiguous). Two workers may both probe a shape they meet at
+    once. ``block_bytes``: fp32 bytes of a row block (default :data:`DELTA_BLOCK_BYTES`).
+    Thread-safe.
+    """
+
+    def __init__(self, block_bytes: int | None = None) -> None:
+        self.block_bytes = DELTA_BLOCK_BYTES if block_bytes is None else block_bytes
+        self._lock = threading.Lock()
+        self.verdicts: dict[tuple[int, ...], bool] = {}
+        self.blocked_ops = 0  # plain-LoRA linear ops computed by row blocks
+        self.full_ops = 0  # ... and from the full product
+
+    def agree(self, rows: int, cols: int, rank: int, scratch: Scratch) -> bool:
+        """Whether :func:`row_blocks` of a ``rows × rank`` by ``rank × cols`` fp32 product
+        are bit-identical to the full product here (probed once per shape, then recorded).
+        A product of one block is the full product: ``True`` without a probe."""
+        import torch
+
+        spans = row_blocks(rows, cols, self.block_bytes)
+        if len(spans) == 1:
+            return True
+        key = (rows, cols, rank, self.block_bytes, torch.get_num_threads())
+        with self._lock:
+            known = self.verdicts.get(key)
+        if known is not None:
+            return known
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(rank, cols, generator=g)
+        b = torch.randn(rows, rank, generator=g)
+        full = torch.matmul(b, a, out=scratch.full(rows, cols))
+        tall = max(j - i for i, j in spans)
+        same = all(
+            torch.equal(_rows_product(b[i:j], a, scratch.block(tall, cols)[: j - i]), full[i:j])
+            for i, j in spans
+        )
+        with self._lock:
+            if key not in self.verdicts and not same:
+                log.info(
+                    "stream bake: row blocks of B @ A (%d × %d, r=%d) differ from the full "
+                    "product with this BLAS; tensors of that shape use the full product",
+                    rows,
+                    cols,
+                    rank,
+                )
+            self.verdicts[key] = same
+        return same
+
+    def count(self, blocked: bool) -> None:
+        """Count one plain-LoRA linear op, computed by row blocks or from the full product."""
+        with self._lock:
+            if blocked:
+                self.blocked_ops += 1
+            else:
+                self.full_ops += 1
+
+
+def _add_scaled(weight, delta, rows: slice, scale: float, fan: bool) -> None:
+    """``W[rows] += delta * scale`` (``W[:, rows]`` with ``fan_in_fan_out``): ``delta`` is
+    fp32 rows ``rows`` of ``B @ A``, scaled in place (the values of PEFT's out-of-place
+    ``* scaling``) and added to the stored dtype in fp32, rounded once (``Linear.merge``)."""
+    delta.mul_(scale)
+    if fan:
+        weight[:, rows].add_(delta.T)  # `+=` on the view: the same add_, no write-back
+    else:
+        weight[rows].add_(delta)
+
+
+def _linear(weight, a, b, scale: float, fan: bool, scratch: Scratch | None, blocks):
+    """Vanilla LoRA on a linear layer, PEFT's ``Linear.merge``: ``W += T(B @ A) * scale``.
+
+    ``weight``: ``out × in`` (``in × out`` with ``fan_in_fan_out``), any float dtype;
+    ``a``: ``r × in`` and ``b``: ``out × r``, fp32. With ``blocks`` (:class:`RowBlocks`),
+    where row blocks of this product shape agree with the full product bit for bit, the
+    product is computed a row block of ``B`` at a time into one cache-sized buffer (fp32
+    ``block × in``, about :data:`DELTA_BLOCK_BYTES`), scaled and added to the same rows of
+    ``W`` (columns with ``fan_in_fan_out``) while it is in cache. Otherwise the full fp32
+    ``out × in`` product is computed first, as PEFT does (into ``scratch`` when given),
+    then scaled and added a row block at a time. The elementwise ops are PEFT's either
+    way, element for element.
     """
     import torch
 
+    rows, cols = b.shape[0], a.shape[1]
+    scratch = scratch if scratch is not None or blocks is None else Scratch()
+    if blocks is not None and blocks.agree(rows, cols, a.shape[0], scratch):
+        spans = row_blocks(rows, cols, blocks.block_bytes)
+        tall = max(j - i for i, j in spans)
+        for i, j in spans:
+            block = _rows_product(b[i:j], a, scratch.block(tall, cols)[: j - i])
+            _add_scaled(weight, block, slice(i, j), scale, fan)
+        blocks.count(blocked=True)
+        return weight
+    full = torch.matmul(b, a, out=scratch.full(rows, cols)) if scratch is not None else b @ a
+    for i, j in row_blocks(rows, cols, BLOCK_ELEMENTS * 4):
+        _add_scaled(weight, full[i:j], slice(i, j), scale, fan)
+    if blocks is not None:
+        blocks.count(blocked=False)
+    return weight
+
+
+def _rows_product(b_rows, a, out):
+    """``out = b_rows @ a`` (fp32): rows of ``B @ A`` from a row block of ``B``."""
+    import torch
+
+    return torch.matmul(b_rows, a, out=out)
+
+
+def apply_op(
+    weight,
+    op: LoraOp,
+    tensors: Mapping[str, Any],
+    scratch: Scratch | None = None,
+    blocks: RowBlocks | None = None,
+):
+    """Apply one merge operation to ``weight`` (in place where PEFT works in place).
+
+    The formulas, op for op, are PEFT 0.21's (``peft/tuners/lora/layer.py``:
+    ``Linear.get_delta_weight`` and ``merge``, ``Embedding.get_delta_weight`` and
+    ``merge``; ``peft/tuners/lora/dora.py`` and ``variants.py`` for DoRA), see the module
+    docstring. ``weight``: the stored tensor (``out × in``, ``in × out`` for Conv1D, ``vocab
+    × dim`` for an embedding, ``out`` for a bias), any float dtype; ``tensors`` holds the
+    op's adapter tensors already in fp32 on ``weight``'s device (``lora_A``: ``r × in``,
+    ``lora_B``: ``out × r``; the embedding's ``r × vocab`` and ``dim × r``). ``scratch``
+    (:class:`Scratch`) lends reused fp32 buffers instead of fresh allocations; ``blocks``
+    (:class:`RowBlocks`, CPU only) lets a plain-LoRA linear op compute its ``B @ A`` by
+    row blocks that stay in cache, where that is verified bit-identical (see
+    :func:`_linear`). DoRA needs each full row's norm of ``W + ΔW`` and the embedding path
+    rounds the whole delta to ``W``'s dtype first: both compute the full fp32 product as
+    PEFT does. Returns the new weight (a new tensor for DoRA, as PEFT assigns
+    ``weight.data``).
+    """
     if op.kind == "bias":
         weight += tensors[op.b] * op.scale
         return weight
@@ -323,23 +532,7 @@ def apply_op(weight, op: LoraOp, tensors: Mapping[str, Any], scratch=None):
         return (dora_factor * (weight + delta)).to(weight.dtype)
     fan = op.fan_in_fan_out
     if op.magnitude is None:  # Linear.merge, vanilla LoRA: W += delta (fp32, rounded once)
-        rows, cols = b.shape[0], a.shape[1]
-        if scratch is not None and scratch.numel() >= rows * cols:
-            delta = torch.matmul(b, a, out=scratch[: rows * cols].view(rows, cols))
-        else:
-            delta = b @ a
-        if fan:
-            delta.mul_(op.scale)  # the same values as PEFT's out-of-place `* scaling`
-            weight += delta.T
-            return weight
-        # The same elementwise ops on row blocks that stay in cache: scale the delta, add
-        # it in place to the stored weight (computed in fp32, rounded once).
-        step = max(1, BLOCK_ELEMENTS // max(1, cols))
-        for i in range(0, rows, step):
-            block = delta[i : i + step]
-            block.mul_(op.scale)
-            weight[i : i + step] += block
-        return weight
+        return _linear(weight, a, b, op.scale, fan, scratch, blocks)
     # DoraLinearVariant.merge_unsafe
     delta = _t(b @ a, fan) * op.scale
     base_weight = weight.detach().clone()
@@ -393,35 +586,59 @@ def worker_count(threads: int, jobs: list[_Job]) -> tuple[int, int]:
     """``(workers, torch threads per worker)`` for ``threads`` CPU threads.
 
     One single-threaded worker per thread, at most :data:`MAX_WORKERS`, and no more than
-    fit in :data:`WORKER_MEMORY` (each holds its largest tensor and an fp32 delta of it);
-    threads left over go to torch inside each worker.
+    fit in :data:`WORKER_MEMORY` (each holds two copies of its largest tensor, one being
+    written while the next is computed, and an fp32 product of it); threads left over go
+    to torch inside each worker.
     """
     biggest = max(
-        (j.nbytes + 4 * (j.nbytes // DTYPES[j.storage.dtype].nbytes) for j in jobs), default=1
+        (2 * j.nbytes + 4 * (j.nbytes // DTYPES[j.storage.dtype].nbytes) for j in jobs), default=1
     )
     workers = max(1, min(threads, MAX_WORKERS, WORKER_MEMORY // max(1, biggest)))
     return workers, max(1, threads // workers)
 
 
-class _Workers:
-    """Bake the jobs on a few threads, each reading, computing and writing whole tensors.
+@dataclass
+class _Slot:
+    """One of a worker's two byte buffers, and the write still pending from it."""
 
-    Every worker owns one byte buffer (``pread`` lands there, the weight is changed in
-    place and ``pwrite`` sends it out) and one fp32 scratch buffer for the delta, both
-    reused from tensor to tensor: memory is a few tensors whatever the size of the model,
-    and no page is faulted in twice. On the CPU, torch runs single-threaded inside each
-    worker (one worker per torch thread, see :func:`worker_count`): independent tensors
-    in parallel need no barriers, which keeps the bake fast on a busy machine where
-    OpenMP's would stall.
+    buffer: Any
+    data: Any = None  # what the writer is sending from this slot (kept alive until written)
+    written: threading.Event | None = None
+
+
+class _Workers:
+    """Bake the jobs on a few threads that read and compute, and one that writes behind them.
+
+    Every worker owns two byte buffers, used in turn: ``pread`` lands in one, the weight is
+    changed in place there, and the writer thread writes it (``pwrite``) at its final offset
+    while the worker reads and computes the next tensor in the other (it waits only when
+    that one's write is still pending). One thread writes because buffered writes to one
+    file serialise on its inode lock anyway: measured here, 4.9 GB took 2.5 s from one
+    thread and 3.7 s from two, and workers that wrote themselves sat in that lock instead
+    of computing. Each worker also owns a :class:`Scratch` (fp32 product buffers), all of
+    it reused from tensor to tensor: memory is a few tensors whatever the size of the
+    model, and no page is faulted in twice. Before computing, a worker asks the kernel to
+    read ahead the tensor that comes ``workers`` jobs later (``POSIX_FADV_WILLNEED``), so a
+    checkpoint that is not in the page cache is read from disk while the CPUs compute. On
+    the CPU, torch runs single-threaded inside each worker (one worker per torch thread,
+    see :func:`worker_count`): independent tensors in parallel need no barriers, which
+    keeps the bake fast on a busy machine where OpenMP's would stall. The plain-LoRA
+    linear ops compute by row blocks (:class:`RowBlocks`) on the CPU.
     """
 
     def __init__(self, splan: StreamPlan, device: str) -> None:
         self.splan = splan
         self.device = device
+        self.blocks = RowBlocks() if device == "cpu" else None
         self._disk = {n: (st, e) for st in splan.shards for n, e in st.tensors.items()}
         self._local = threading.local()
         self._lock = threading.Lock()
         self._readers: list[TensorReader] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._write_error: BaseException | None = None
+        self._jobs: list[_Job] = []
+        self._ahead = 1
+        self._advise: dict[Path, int] = {}  # shard -> fd for read-ahead advice
 
     def _state(self):
         import torch
@@ -429,22 +646,58 @@ class _Workers:
         local = self._local
         if not hasattr(local, "reader"):
             local.reader = TensorReader()
-            local.buffer = torch.empty(0, dtype=torch.uint8)
-            local.scratch = None
+            local.slots = [_Slot(torch.empty(0, dtype=torch.uint8)) for _ in range(2)]
+            local.turn = 0
+            local.scratch = Scratch()
             with self._lock:
                 self._readers.append(local.reader)
         return local
 
-    def _one(self, job: _Job) -> None:
+    def _write_loop(self) -> None:
+        """The writer thread: ``pwrite`` each queued tensor; ``None`` ends it."""
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fd, data, offset, written = item
+            try:
+                if self._write_error is None:
+                    pwrite_all(fd, memoryview(data.numpy()), offset)
+            except BaseException as e:  # raised by the workers and by run()
+                self._write_error = e
+            finally:
+                written.set()
+
+    def _read_ahead(self, index: int) -> None:
+        """Ask the kernel to start reading job ``index``'s base tensor (no-op when cached)."""
+        if index >= len(self._jobs) or not hasattr(os, "posix_fadvise"):
+            return
+        src, key = self._jobs[index].storage.source
+        if src != "base":
+            return
+        st, e = self._disk[key]
+        fd = self._advise.get(st.path)
+        if fd is not None and e.nbytes:
+            os.posix_fadvise(fd, st.data_start + e.start, e.nbytes, os.POSIX_FADV_WILLNEED)
+
+    def _one(self, index: int) -> None:
         import torch
 
+        job = self._jobs[index]
         local = self._state()
-        if local.buffer.numel() < job.nbytes:
-            local.buffer = torch.empty(0, dtype=torch.uint8)  # free the old one first
-            local.buffer = torch.empty(job.nbytes, dtype=torch.uint8)
+        slot = local.slots[local.turn]
+        local.turn = 1 - local.turn
+        if slot.written is not None:  # the write from this buffer two jobs ago
+            slot.written.wait()
+            slot.written = slot.data = None
+        if self._write_error is not None:
+            raise self._write_error
+        if slot.buffer.numel() < job.nbytes:
+            slot.buffer = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            slot.buffer = torch.empty(job.nbytes, dtype=torch.uint8)
         src, key = job.storage.source
         if src == "base":
-            weight = local.reader.read(self._disk[key][0].path, key, local.buffer)
+            weight = local.reader.read(self._disk[key][0].path, key, slot.buffer)
         else:  # load_state_dict's copy_ into the module's dtype
             weight = local.reader.read(self.splan.adapter_file, key)
             weight = weight.to(torch_dtype(job.storage.dtype))
@@ -453,13 +706,11 @@ class _Workers:
             for k in (op.a, op.b, op.magnitude):
                 if k is not None and k not in tensors:
                     tensors[k] = local.reader.read(self.splan.adapter_file, k).to(torch.float32)
+        self._read_ahead(index + self._ahead)
         if job.storage.ops:
             if self.device == "cpu":
-                if local.scratch is None or local.scratch.numel() < weight.numel():
-                    local.scratch = None
-                    local.scratch = torch.empty(weight.numel(), dtype=torch.float32)
                 for op in job.storage.ops:
-                    weight = apply_op(weight, op, tensors, local.scratch)
+                    weight = apply_op(weight, op, tensors, local.scratch, self.blocks)
             else:
                 weight = weight.to(self.device)
                 tensors = {k: v.to(self.device) for k, v in tensors.items()}
@@ -476,9 +727,11 @@ class _Workers:
             raise MergebakeError(
                 f"{job.name}: computed {data.numel()} bytes, expected {job.nbytes}"
             )
-        pwrite_all(job.fd, memoryview(data.numpy()), job.offset)
+        slot.data, slot.written = data, threading.Event()
+        self._queue.put((job.fd, data, job.offset, slot.written))
 
     def run(self, jobs: list[_Job]) -> None:
+        """Bake ``jobs``; raise the first error of a worker or of the writer."""
         from concurrent.futures import ThreadPoolExecutor
 
         import torch
@@ -486,10 +739,15 @@ class _Workers:
         threads = torch.get_num_threads()
         workers, intra = worker_count(threads, jobs) if self.device == "cpu" else (2, threads)
         torch.set_num_threads(intra)
+        self._jobs, self._ahead = jobs, workers
+        for st in self.splan.shards:
+            self._advise[st.path] = os.open(st.path, os.O_RDONLY)
+        writer = threading.Thread(target=self._write_loop, name="bake-write", daemon=True)
+        writer.start()
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="bake") as pool:
                 # consume in order so that the first error is raised and the rest cancelled
-                futures = [pool.submit(self._one, job) for job in jobs]
+                futures = [pool.submit(self._one, i) for i in range(len(jobs))]
                 try:
                     for f in futures:
                         f.result()
@@ -498,9 +756,55 @@ class _Workers:
                         f.cancel()
                     raise
         finally:
+            self._queue.put(None)
+            writer.join()
             torch.set_num_threads(threads)
             for reader in self._readers:
                 reader.close()
+            for fd in self._advise.values():
+                os.close(fd)
+        if self._write_error is not None:
+            raise self._write_error
+        if self.blocks is not None:
+            log.info(
+                "stream bake: %d linear delta(s) by row blocks of %d bytes, %d from the full "
+                "product (%d product shape(s) probed, %d not bit-identical by blocks)",
+                self.blocks.blocked_ops,
+                self.blocks.block_bytes,
+                self.blocks.full_ops,
+                len(self.blocks.verdicts),
+                sum(not v for v in self.blocks.verdicts.values()),
+            )
+
+
+def _data_end(st: SafetensorsFile, added: Mapping[str, Storage]) -> int:
+    """Bytes of the output shard's data section: the base's tensors, then the added ones."""
+    end = max((e.end for e in st.tensors.values()), default=0)
+    return end + sum(DTYPES[s.dtype].nbytes * math.prod(s.shape) for s in added.values())
+
+
+_FALLOCATE: list[Any] = []  # libc's fallocate, looked up once (None where there is none)
+
+
+def _preallocate(fd: int, nbytes: int) -> None:
+    """Reserve ``nbytes`` of disk for ``fd`` up front, its size unchanged: Linux
+    ``fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, nbytes)`` (``posix_fallocate`` is avoided: where
+    the file system cannot reserve, glibc emulates it by writing every block). Measured on
+    ext4 here, writing 4.9 GB into reserved space took a median 0.8 s of CPU instead of
+    2.5 s (the page cache's cost per new block). Nothing happens where it is unsupported,
+    and nothing is raised: the writes that follow work either way."""
+    if not _FALLOCATE:
+        import ctypes
+
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).fallocate
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            fn.restype = ctypes.c_int
+        except (AttributeError, OSError):  # not glibc/Linux
+            fn = None
+        _FALLOCATE.append(fn)
+    if _FALLOCATE[0] is not None and nbytes > 0:
+        _FALLOCATE[0](fd, 1, 0, nbytes)  # 1: FALLOC_FL_KEEP_SIZE; a failure changes nothing
 
 
 def run_stream(splan: StreamPlan, out: Path, *, device: str = "cpu") -> dict[str, Any]:
@@ -533,6 +837,7 @@ def run_stream(splan: StreamPlan, out: Path, *, device: str = "cpu") -> dict[str
             fds.append(src)
             dst = os.open(out / st.path.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             fds.append(dst)
+            _preallocate(dst, len(header) + _data_end(st, added))
             pwrite_all(dst, memoryview(header), 0)
             base = len(header)
             run: list[int] | None = None  # pending copy [src offset, dst offset, count]
@@ -615,11 +920,15 @@ def _write_index(splan: StreamPlan, out: Path, total: int) -> None:
 
 
 __all__ = [
+    "DELTA_BLOCK_BYTES",
     "LoraOp",
+    "RowBlocks",
+    "Scratch",
     "Storage",
     "StreamPlan",
     "apply_op",
     "plan_stream",
+    "row_blocks",
     "run_stream",
     "worker_count",
 ]

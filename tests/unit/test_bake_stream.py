@@ -535,3 +535,207 @@ def test_a_delta_that_overflows_is_refused_before_it_is_written(tmp_path):
     with pytest.raises(MergebakeError, match="NaN/Inf after adding the LoRA delta"):
         bake(base, adapter, tmp_path / "out", engine="stream")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+# ---------------------------------------------------------------------------------------
+# row blocks: the plain-LoRA linear delta computed a block of rows of B @ A at a time
+
+
+def test_row_blocks_geometry():
+    """Blocks start at multiples of ROW_ALIGN (16) rows, hold about block_bytes of fp32,
+    and a last block under 16 rows joins the one before."""
+    from mergebake.stream import ROW_ALIGN, row_blocks
+
+    assert ROW_ALIGN == 16
+    assert row_blocks(64, 64, 16 * 64 * 4) == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    assert row_blocks(128, 64, 48 * 64 * 4) == [(0, 48), (48, 96), (96, 128)]
+    assert row_blocks(101, 64, 16 * 64 * 4) == [
+        (0, 16),
+        (16, 32),
+        (32, 48),
+        (48, 64),
+        (64, 80),
+        (80, 101),
+    ]
+    assert row_blocks(333, 200, 50 * 200 * 4) == [
+        (0, 48),
+        (48, 96),
+        (96, 144),
+        (144, 192),
+        (192, 240),
+        (240, 288),
+        (288, 333),
+    ]
+    assert row_blocks(3, 64, 4) == [(0, 3)]  # fewer rows than a block: one block
+    assert row_blocks(17, 10**6, 1) == [(0, 17)]  # 16-row blocks at least; the 1-row tail joins
+    # the default: 2 MiB of fp32, 336 rows of 1536 (a gate_proj of the bench), 96 left
+    assert row_blocks(6144, 1536) == [(i, i + 336) for i in range(0, 6048, 336)] + [(6048, 6144)]
+
+
+def _peft_linear_merge(weight, a, b, r: int, alpha: int, rslora: bool, fan: bool):
+    """PEFT's own ``Linear.merge`` (``nn.Linear``, or transformers' ``Conv1D`` with
+    fan_in_fan_out) of fp32 ``lora_A`` ``a`` and ``lora_B`` ``b`` into ``weight``, as
+    ``PeftModel.from_pretrained`` leaves them (adapter held in fp32). Returns (merged
+    weight, PEFT's scaling)."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from transformers.pytorch_utils import Conv1D
+
+    out_f, in_f = b.shape[0], a.shape[1]
+    base = Conv1D(out_f, in_f) if fan else torch.nn.Linear(in_f, out_f, bias=False)
+    base.weight.data = weight.clone()
+    cfg = LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, fan_in_fan_out=fan)
+    layer = LoraLinear(base, "default", cfg, r=r, lora_alpha=alpha, use_rslora=rslora)
+    layer.lora_A["default"].weight.data = a.clone()
+    layer.lora_B["default"].weight.data = b.clone()
+    layer.merge()
+    return base.weight.data, layer.scaling["default"]
+
+
+def test_row_block_products_equal_peft_on_many_shapes():
+    """For ranks 1…256, odd row counts, widths and block sizes that do not divide them
+    (incl. a last block joined to the one before), fan_in_fan_out or not, bf16/fp16/fp32:
+    apply_op with RowBlocks gives PEFT's merged weight bit for bit, both the first time a
+    shape is met (probed) and after (the recorded verdict). On this machine's BLAS the
+    aligned row blocks agree for every multi-block shape, so the row-block path is what
+    is compared here."""
+    from mergebake.stream import LoraOp, RowBlocks, Scratch, apply_op
+
+    g = torch.Generator().manual_seed(0)
+    verdicts: dict[tuple, bool] = {}
+    cases = 0
+    for r in (1, 8, 16, 64, 128, 256):
+        for rows, cols in ((1, 33), (3, 40), (17, 96), (101, 64), (333, 200), (1000, 72)):
+            for block_rows in (16, 50):
+                for fan in (False, True):
+                    dtypes = ("bf16", "fp16", "fp32") if r in (8, 64) else ("bf16",)
+                    for dtype in dtypes:
+                        a = torch.randn(r, cols, generator=g) * 0.1
+                        b = torch.randn(rows, r, generator=g) * 0.1
+                        shape = (cols, rows) if fan else (rows, cols)
+                        w = (torch.randn(shape, generator=g) * 0.05).to(DTYPES[dtype])
+                        want, scale = _peft_linear_merge(w, a, b, r, 2 * r + 1, r == 64, fan)
+                        op = LoraOp("m", "linear", scale, "a", "b", fan_in_fan_out=fan)
+                        blocks, scratch = RowBlocks(block_rows * cols * 4), Scratch()
+                        for turn in ("probe", "recorded"):
+                            got = apply_op(w.clone(), op, {"a": a, "b": b}, scratch, blocks)
+                            assert got.dtype == want.dtype and torch.equal(got, want), (
+                                r,
+                                rows,
+                                cols,
+                                block_rows,
+                                fan,
+                                dtype,
+                                turn,
+                            )
+                            cases += 1
+                        verdicts.update(blocks.verdicts)
+                        agreed = all(blocks.verdicts.values())  # one block: no probe, True
+                        assert (blocks.blocked_ops, blocks.full_ops) == (
+                            (2, 0) if agreed else (0, 2)
+                        )
+    assert cases == 2 * 6 * 2 * 2 * (4 * 1 + 2 * 3)
+    # one verdict per multi-block product shape (rows 1, 3 and 17 are one block)
+    assert len(verdicts) == 6 * 3 * 2 and all(verdicts.values()), [
+        k for k, v in verdicts.items() if not v
+    ]
+
+
+def _spy_row_blocks(monkeypatch, block_bytes: int) -> list:
+    """Make every bake use row blocks of ``block_bytes``; return the RowBlocks it made."""
+    import mergebake.stream as stream
+
+    made = []
+
+    class Spy(stream.RowBlocks):
+        def __init__(self) -> None:
+            super().__init__(block_bytes)
+            made.append(self)
+
+    monkeypatch.setattr(stream, "RowBlocks", Spy)
+    return made
+
+
+@pytest.mark.parametrize("block_rows", [16, 48])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_row_blocks_bit_identical_to_peft(bases, tmp_path, monkeypatch, arch, dtype, block_rows):
+    """Several row blocks per tensor (16 or 48 rows of the 64-wide layers, so 64-, 128-,
+    192- and 256-row products end in a shorter block), all-linear with rank patterns and
+    rsLoRA, Conv1D (fan_in_fan_out) for GPT-2: every tensor equals PEFT's, and the second
+    tensor was computed by row blocks."""
+    made = _spy_row_blocks(monkeypatch, block_rows * 64 * 4)
+    base = bases(arch, dtype)
+    targets = "all-linear" if arch == "llama" else ("c_attn", "c_fc", "c_proj")
+    adapter = make_lora(
+        base,
+        tmp_path / "lora",
+        target_modules=targets,
+        r=8,
+        alpha=12,
+        use_rslora=True,
+        rank_pattern={"v_proj": 5, "c_fc": 16},
+    )
+    assert_like_peft(base, adapter, tmp_path)
+    (blocks,) = made
+    # (shapes probed, ops from the full product, ops by row blocks): Llama's q/o (64 rows),
+    # k (32), v (32, r=5), gate/up (128) and down (64 of 128 columns; 16-row blocks) are 5
+    # shapes, 14 ops; k and v are one 48-row block (no probe). GPT-2's c_attn (192 rows),
+    # c_fc (256, r=16) and the two c_proj (64 of 64 and of 256 columns) are 4 shapes, 8 ops.
+    want = {
+        ("llama", 16): (5, 0, 14),
+        ("llama", 48): (3, 0, 14),
+        ("gpt2", 16): (4, 0, 8),
+        ("gpt2", 48): (4, 0, 8),
+    }[arch, block_rows]
+    assert all(blocks.verdicts.values()), blocks.verdicts
+    assert (len(blocks.verdicts), blocks.full_ops, blocks.blocked_ops) == want
+
+
+def test_row_blocks_that_differ_fall_back_to_the_full_product(bases, tmp_path, monkeypatch):
+    """Where a row block's product is not bit-identical to the full one (simulated: every
+    block product off by 1e-3), the probe of each shape finds it out and every tensor is
+    baked from the full product: the output still equals PEFT's."""
+    import mergebake.stream as stream
+
+    made = _spy_row_blocks(monkeypatch, 16 * 64 * 4)
+    product = stream._rows_product
+    monkeypatch.setattr(stream, "_rows_product", lambda b, a, out: product(b, a, out).add_(1e-3))
+    base = bases("llama", "bf16")
+    adapter = make_lora(base, tmp_path / "lora", target_modules="all-linear")
+    assert_like_peft(base, adapter, tmp_path)
+    (blocks,) = made
+    assert blocks.verdicts and not any(blocks.verdicts.values())
+    assert blocks.blocked_ops == 0 and blocks.full_ops == 2 * 7  # 2 layers of 7 linear
+
+
+def test_probe_verdicts_are_the_blas_own(bases, tmp_path, monkeypatch):
+    """With blocks of 1–16 rows allowed (ROW_ALIGN 1), the probe's verdict on each shape is
+    what this BLAS really does with other values (here MKL computes 1–3-row blocks of a
+    rank >= 2 product differently from the full product), and a bake with 1-row blocks,
+    where each shape falls back as its probe says, still equals PEFT's bit for bit."""
+    import mergebake.stream as stream
+
+    monkeypatch.setattr(stream, "ROW_ALIGN", 1)
+    g = torch.Generator().manual_seed(7)
+    for r in (1, 2, 8, 64):
+        for rows_per in (1, 2, 3, 4, 16):
+            blocks = stream.RowBlocks(rows_per * 64 * 4)
+            a, b = torch.randn(r, 64, generator=g), torch.randn(256, r, generator=g)
+            full = b @ a
+            truth = all(
+                torch.equal(b[i:j] @ a, full[i:j])
+                for i, j in stream.row_blocks(256, 64, blocks.block_bytes)
+            )
+            assert blocks.agree(256, 64, r, stream.Scratch()) == truth, (r, rows_per)
+    made = _spy_row_blocks(monkeypatch, 64 * 4)  # 1 row of the 64-wide layers
+    base = bases("llama", "bf16")
+    adapter = make_lora(base, tmp_path / "lora", target_modules="all-linear")
+    assert_like_peft(base, adapter, tmp_path)
+    (blocks,) = made
+    # r=4 products, ops per (rows, cols): q/o, k/v, gate/up: 4 each (2 layers), down: 2
+    ops = {(64, 64): 4, (32, 64): 4, (128, 64): 4, (64, 128): 2}
+    verdicts = {k[:2]: v for k, v in blocks.verdicts.items()}
+    assert sorted(verdicts) == sorted(ops)
+    assert blocks.full_ops == sum(n for shape, n in ops.items() if not verdicts[shape])
+    assert blocks.blocked_ops == sum(n for shape, n in ops.items() if verdicts[shape])
