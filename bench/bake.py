@@ -7,7 +7,9 @@ modules, fp32 as PEFT saves it), then times, each as a separate process with its
 
 - ``peft``: transformers load + ``PeftModel.from_pretrained`` + ``merge_and_unload`` +
   ``save_pretrained`` (what the ``peft`` engine does);
-- ``stream``: ``mergebake bake --engine stream`` (preflight, bake, provenance with sha256s);
+- ``stream``: ``mergebake bake --engine stream`` (preflight, bake, provenance with sha256s:
+  the inputs' taken from the fetch record the base and adapter carry, as in the workflow,
+  the outputs' computed);
 - ``cp``: ``cp -r`` of the base checkpoint folder;
 - ``deltas``: a bare process that reads the adapter and computes every ``B @ A * scale``
   in fp32 (the arithmetic no bake can skip);
@@ -115,6 +117,7 @@ def generate(folder: Path, layers: int, seed: int = 0) -> tuple[Path, Path]:
 
     base, adapter = folder / "base", folder / "adapter"
     if (base / "model.safetensors").is_file() and (adapter / "adapter_model.safetensors").is_file():
+        record_fetch(base, adapter)
         return base, adapter
     shutil.rmtree(folder, ignore_errors=True)
     base.mkdir(parents=True)
@@ -140,7 +143,20 @@ def generate(folder: Path, layers: int, seed: int = 0) -> tuple[Path, Path]:
         r=RANK, lora_alpha=ALPHA, target_modules=list(targets), base_model_name_or_path=str(base)
     )
     cfg.save_pretrained(adapter)
+    record_fetch(base, adapter)
     return base, adapter
+
+
+def record_fetch(*folders: Path) -> None:
+    """Give each folder the ``provenance.json`` a ``mergebake fetch`` writes (its files'
+    sizes and sha256s, hashed once at download), unless it has one: in the workflow the
+    bake reads fetched folders and takes their hashes from that record instead of hashing
+    gigabytes again, and so does the bake timed here."""
+    from mergebake.outputs import write_provenance
+
+    for folder in folders:
+        if not (folder / "provenance.json").is_file():
+            write_provenance(folder, step="fetch", inputs={}, params={"bench": True})
 
 
 TIME = Path("/usr/bin/time")
