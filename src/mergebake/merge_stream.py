@@ -646,6 +646,50 @@ class _Reader:
             self._fds.clear()
 
 
+#: Elements per row block when an elementwise method is computed block by block (fp32
+#: working set of 256 KiB per input: in cache, where a whole tensor's passes are not).
+BLOCK_ELEMENTS = 1 << 16
+
+
+def elementwise(method: Any) -> bool:
+    """Whether mergekit's per-tensor code for ``method`` computes each output entry from
+    the same entry of the inputs only, with tensor-wide scalars (weights, lambda, the
+    normalising sum of weights): ``linear`` (``mergekit.merge_methods.linear``) and the
+    task-arithmetic family without sparsification and sign consensus
+    (``task_arithmetic``). Such a tensor can be computed by blocks of rows, each block
+    through mergekit's own code, with the same bits as the whole (held against mergekit
+    in ``tests/unit/test_merge_stream.py`` with blocks forced small)."""
+    from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
+
+    if isinstance(method, GeneralizedTaskArithmeticMerge):
+        return method.sparsification_method is None and method.consensus_method is None
+    spec = getattr(method, "spec", None)
+    return getattr(spec, "name", None) == "linear"
+
+
+def _by_row_blocks(job: Job, tensors: dict[Any, torch.Tensor]) -> torch.Tensor | None:
+    """``job``'s result computed by mergekit's code on blocks of rows of every input
+    (:data:`BLOCK_ELEMENTS` each), cast to ``job.dtype`` block by block, or None where
+    the tensor is a single block or its inputs do not all have its shape."""
+    shape = job.shape
+    if len(shape) == 0 or job.dtype is None:
+        return None
+    row = _numel(shape[1:]) or 1
+    rows = max(1, BLOCK_ELEMENTS // row)
+    if shape[0] <= rows or any(tuple(t.shape) != shape for t in tensors.values()):
+        return None
+    out = torch.empty(shape, dtype=job.dtype)
+    with torch.no_grad():
+        for start in range(0, shape[0], rows):
+            part = job.task.execute(
+                tensors={k: t[start : start + rows] for k, t in tensors.items()}
+            )
+            if part is None or tuple(part.shape) != (min(rows, shape[0] - start), *shape[1:]):
+                return None
+            out[start : start + rows] = part.to(dtype=job.dtype)
+    return out
+
+
 @dataclass
 class _Stats:
     shortcut: int = 0
@@ -654,7 +698,9 @@ class _Stats:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _run_job(job: Job, reader: _Reader, fds: list[int], gta: bool, stats: _Stats) -> None:
+def _run_job(
+    job: Job, reader: _Reader, fds: list[int], gta: bool, stats: _Stats, blocks: bool = False
+) -> None:
     """Compute one output tensor as mergekit's executor would and write its bytes."""
     t0 = time.perf_counter()
     tensors = {}
@@ -669,6 +715,8 @@ def _run_job(job: Job, reader: _Reader, fds: list[int], gta: bool, stats: _Stats
         elif rule == "plus_zero":
             result = base + torch.zeros((), dtype=base.dtype)
     shortcut = result is not None
+    if result is None and blocks:
+        result = _by_row_blocks(job, tensors)
     if result is None:
         with torch.no_grad():
             result = job.task.execute(tensors=tensors)
@@ -748,6 +796,7 @@ def stream_merge(
     )
 
     selection = selection if _trims_by_magnitude(the_plan) else "exact"
+    blocks = elementwise(method)
 
     out.mkdir(parents=True, exist_ok=True)
     fds = []
@@ -778,7 +827,7 @@ def stream_merge(
                         done, pending = wait(pending, return_when=FIRST_COMPLETED)
                         for f in done:
                             f.result()
-                    pending.add(pool.submit(_run_job, job, reader, fds, gta, stats))
+                    pending.add(pool.submit(_run_job, job, reader, fds, gta, stats, blocks))
                 for f in pending:
                     f.result()
         finally:

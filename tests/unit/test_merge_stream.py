@@ -119,6 +119,18 @@ def test_stream_output_is_byte_identical_to_mergekit(models, tmp_path, method, m
         return mask
 
     monkeypatch.setattr(sort_select, "magnitude_mask", counted)
+    from mergebake import merge_stream
+
+    blocked = []  # tensors computed by row blocks (forced small: several per tensor)
+    by_blocks = merge_stream._by_row_blocks
+
+    def counted_blocks(job, tensors):
+        out = by_blocks(job, tensors)
+        blocked.append(out is not None)
+        return out
+
+    monkeypatch.setattr(merge_stream, "BLOCK_ELEMENTS", 40)
+    monkeypatch.setattr(merge_stream, "_by_row_blocks", counted_blocks)
     entry = method_table.get(method)
     lo, hi = entry.adapters
     adapters = ("eng",) if hi == 1 else ("eng", "nob")
@@ -139,6 +151,20 @@ def test_stream_output_is_byte_identical_to_mergekit(models, tmp_path, method, m
     if method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
         # every trimmed tensor was selected without mergekit's sort, and byte-identically
         assert selected and all(selected), selected
+    if method in ("linear", "task_arithmetic"):
+        assert any(blocked), "no tensor was computed by row blocks"
+    else:
+        assert not blocked, f"{method} is not elementwise, yet went by row blocks"
+
+
+def test_only_elementwise_methods_go_by_row_blocks():
+    import mergekit.merge_methods as mm
+
+    from mergebake.merge_stream import elementwise
+
+    names = [m.name for m in method_table.METHODS.values() if m.applies and m.space == "weight"]
+    got = {n for n in names if elementwise(mm.get(n))}
+    assert got == {"linear", "task_arithmetic"}
 
 
 def test_per_tensor_parameters_resolve_as_in_mergekit(models, tmp_path):
