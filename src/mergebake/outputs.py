@@ -224,6 +224,24 @@ def output_manifest(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
     return _manifest(Path(folder), reuse=False, memo=True)
 
 
+def recorded_sha256(folder: str | os.PathLike, files: Mapping[str, Path]) -> dict[str, str]:
+    """sha256 (hex) of each of ``files`` (relative POSIX path under ``folder`` -> path),
+    taken from ``folder``'s own output record where it still holds (size recorded, not
+    modified after ``provenance.json``; the rule of :func:`file_manifest`) and read and
+    hashed otherwise (``provenance.json`` itself always). For steps such as an upload
+    that send a step's folder and must not hash its gigabytes again."""
+    records, recorded_at = recorded_outputs(folder)
+    out: dict[str, str] = {}
+    for rel, p in files.items():
+        st = p.stat()
+        rec = records.get(rel)
+        if rec is not None and rec["bytes"] == st.st_size and st.st_mtime_ns <= recorded_at:
+            out[rel] = rec["sha256"]
+        else:
+            out[rel] = _sha256_stat(p, st, memo=True)
+    return out
+
+
 def package_versions() -> dict[str, str | None]:
     """Installed versions of the packages whose behaviour decides the output bytes."""
     versions: dict[str, str | None] = {"python": sys.version.split()[0]}

@@ -40,7 +40,7 @@ from typing import Any
 
 from . import MergebakeError
 from .hub import BACKOFF_S, RETRIES, commit_url, hub_url, with_retries
-from .outputs import atomic_file, link_or_copy, sha256_file, write_json
+from .outputs import atomic_file, link_or_copy, recorded_sha256, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 README = "README.md"
@@ -279,8 +279,15 @@ def upload_cell(
     gguf_info = gguf_entries(gguf, path_in_repo, gguf_repo or repo) if gguf else None
     if not gguf_repo:
         files.update(gguf_files)
+    # The cell's (and each subfolder's) own output record spares hashing it again.
+    digests: dict[Path, str] = {}
+    for folder in (cell_dir, *map(Path, (subfolders or {}).values())):
+        local = payload_files(folder)
+        for rel, d in recorded_sha256(folder, local).items():
+            digests[local[rel]] = d
     manifest = {
-        rel: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for rel, p in files.items()
+        rel: {"bytes": p.stat().st_size, "sha256": digests.get(p) or sha256_file(p)}
+        for rel, p in files.items()
     }
     if card is not None:
         card_bytes = card.encode()

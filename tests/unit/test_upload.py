@@ -323,3 +323,29 @@ def test_the_card_replaces_a_cell_readme_without_touching_it(cell, tmp_path):
     assert staged["readme"] == "# ours\n"
     assert (cell / "README.md").read_text() == "mergekit's card"  # the cell is left alone
     assert rec["files"]["README.md"]["bytes"] == len("# ours\n")
+
+
+def test_the_manifest_takes_the_cells_recorded_hashes(tmp_path):
+    """No hashing twice: the sha256s the merge recorded for its outputs are what the upload
+    sends, while the files are unchanged since; a file modified later is hashed again."""
+    import os
+
+    from mergebake.outputs import write_provenance
+
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    (cell / "model.safetensors").write_bytes(b"W" * 100)
+    (cell / "config.json").write_text("{}")
+    write_provenance(cell, step="merge", inputs={})
+    prov = cell / "provenance.json"
+    record = json.loads(prov.read_text())
+    record["outputs"]["model.safetensors"]["sha256"] = "e" * 64  # visible if reused
+    prov.write_text(json.dumps(record))
+    api = create_autospec(HfApi, instance=True)
+    rec = upload_cell(cell, tmp_path / "r.json", repo=REPO, path_in_repo=PATH, api=api)
+    assert rec["files"]["model.safetensors"]["sha256"] == "e" * 64
+    assert rec["files"]["config.json"]["sha256"] == sha256_file(cell / "config.json")
+    later = prov.stat().st_mtime_ns + 1_000_000_000
+    os.utime(cell / "model.safetensors", ns=(later, later))
+    rec = upload_cell(cell, tmp_path / "r.json", repo=REPO, path_in_repo=PATH, api=api)
+    assert rec["files"]["model.safetensors"]["sha256"] == sha256_file(cell / "model.safetensors")
