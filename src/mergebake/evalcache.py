@@ -417,6 +417,8 @@ def evaluate_cached(
         data = run(model, out, **kwargs)
         return _mark(out, data, {"status": "off"})
     t0 = time.perf_counter()
+    if run is _evaluate.evaluate:  # refuse a bad request before hashing anything for its key
+        _evaluate.check_request(model.resolve(), **kwargs)
     try:
         description = describe(model, **kwargs)
     except (OSError, MergebakeError) as e:

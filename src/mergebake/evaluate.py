@@ -245,6 +245,52 @@ def write_samples(path: Path, data: dict) -> None:
         fh.write(buf.getvalue())
 
 
+def check_request(
+    model: Path,
+    *,
+    tasks: list[dict],
+    seed: int = 1234,
+    batch_size: int | str = 1,
+    device: str = "cpu",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    backend: str = "hf",
+    max_batch_size: int | None = None,
+    vllm: VllmOptions | None = None,
+    **_ignored: Any,
+) -> tuple[list, Any]:
+    """The checks :func:`evaluate` runs before it loads tasks or a model (arguments as
+    there; others ignored): the task specs, ``model``'s ``config.json``, the backend
+    settings, and the runtime (vLLM and its GPUs; CUDA where a CUDA device is asked for).
+    Returns ``(task specs, lm settings)``; raises what :func:`evaluate` documents for them.
+    Also run by the eval cache before it hashes anything for a key."""
+    specs = _check_tasks(tasks)
+    if not (Path(model) / "config.json").is_file():
+        raise MergebakeError(f"evaluate: {model} has no config.json; is it a checkpoint folder?")
+    lm = lm_settings(
+        backend,
+        pretrained=str(model),
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        seed=seed,
+        batch_size=batch_size,
+        max_batch_size=max_batch_size,
+        device=device,
+        vllm=vllm,
+    )
+    if backend == "vllm":
+        check_vllm_runtime((vllm or VllmOptions()).tensor_parallel_size)
+    elif device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MergebakeError(
+                f"evaluate: device {device!r} asked for but CUDA is not available here; "
+                "set the eval device to 'cpu' or run the job on a GPU node"
+            )
+    return specs, lm
+
+
 def evaluate(
     model: Path,
     out: Path,
@@ -295,30 +341,18 @@ def evaluate(
     model = Path(model).resolve()
     out = Path(out)
     include_path = Path(include_path).resolve() if include_path is not None else None
-    specs = _check_tasks(tasks)
-    if not (model / "config.json").is_file():
-        raise MergebakeError(f"evaluate: {model} has no config.json; is it a checkpoint folder?")
-    lm = lm_settings(
-        backend,
-        pretrained=str(model),
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
+    specs, lm = check_request(
+        model,
+        tasks=tasks,
         seed=seed,
         batch_size=batch_size,
-        max_batch_size=max_batch_size,
         device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        backend=backend,
+        max_batch_size=max_batch_size,
         vllm=vllm,
     )
-    if backend == "vllm":
-        check_vllm_runtime((vllm or VllmOptions()).tensor_parallel_size)
-    elif device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise MergebakeError(
-                f"evaluate: device {device!r} asked for but CUDA is not available here; "
-                "set the eval device to 'cpu' or run the job on a GPU node"
-            )
 
     import lm_eval
 

@@ -239,3 +239,28 @@ def test_the_config_section_becomes_the_environment(tmp_path):
         ec.ENV_DIR: str(tmp_path.resolve() / "c")
     }
     assert ec.environment({"dir": "/abs"}, tmp_path)[ec.ENV_DIR] == os.path.abspath("/abs")
+
+
+def test_a_bad_request_is_refused_before_anything_is_hashed(scored, tmp_path, monkeypatch):
+    """The eval's own checks (here: vLLM asked for where it is not installed) run before
+    the cache hashes the model for a key, and give the eval's own error."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+
+    def no_key(*a, **k):
+        raise AssertionError("the key was computed before the request was checked")
+
+    monkeypatch.setattr(ec, "describe", no_key)
+    with pytest.raises(ev.MergebakeError, match="key 'eval.backend' is vllm, but the vllm package"):
+        ec.evaluate_cached(
+            scored["cache"],
+            scored["model"],
+            tmp_path / "v.json",
+            tasks=TASKS,
+            include_path=scored["tasks"],
+            **{**SETTINGS, "device": "cuda"},
+            backend="vllm",
+        )
+    assert not (tmp_path / "v.json").exists()
