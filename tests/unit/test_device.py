@@ -146,6 +146,7 @@ def test_eval_cli_auto_passes_the_resolved_device(monkeypatch, tmp_path):
 
     seen = {}
     monkeypatch.setattr(mergebake.evaluate, "evaluate", lambda *a, **k: seen.update(k))
+    (tmp_path / "config.json").write_text("{}")  # a checkpoint folder, as the eval checks
     args = [
         "eval",
         "--model",
