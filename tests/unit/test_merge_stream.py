@@ -124,8 +124,8 @@ def test_stream_output_is_byte_identical_to_mergekit(models, tmp_path, method, m
     blocked = []  # tensors computed by row blocks (forced small: several per tensor)
     by_blocks = merge_stream._by_row_blocks
 
-    def counted_blocks(job, tensors):
-        out = by_blocks(job, tensors)
+    def counted_blocks(job, tensors, out=None):
+        out = by_blocks(job, tensors, out)
         blocked.append(out is not None)
         return out
 
