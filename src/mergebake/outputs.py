@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -152,6 +153,98 @@ def _sha256_stat(p: Path, st: os.stat_result, memo: bool) -> str:
     if digest is None:
         digest = _HASHED[ident] = sha256_file(p)
     return digest
+
+
+def remember_sha256(path: str | os.PathLike, digest: str) -> None:
+    """Record ``digest`` (sha256 hex) as the hash of ``path`` as it is now, for this process:
+    :func:`output_manifest` and :func:`file_manifest` then take it instead of reading the
+    file. Call it only once the file is complete; the record is keyed by the file's device,
+    inode, size and mtime, so any later write to the file makes it unused."""
+    st = os.stat(path)
+    _HASHED[(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)] = digest
+
+
+class FollowingHash:
+    """The sha256 of a file that other threads write out of order, computed by a thread of
+    its own while they write, so that hashing the output costs no time after the writing.
+
+    The writers report each byte range they completed (:meth:`written`); the thread hashes
+    the file's contiguous written prefix as it grows, reading it back from the page cache
+    (``pread``, :data:`_CHUNK` at a time; ``hashlib`` releases the GIL). :meth:`finish`,
+    called once every write is done, hashes whatever is left up to the end of the file
+    (ranges nobody reported, e.g. holes) and returns the hex digest of the whole file as
+    it is on disk, whatever was reported: the reports only decide when bytes are read,
+    never what is hashed. :meth:`cancel` stops the thread without a result (on an error).
+    Raises ``OSError`` from :meth:`finish` when the file cannot be read.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self._hash = hashlib.sha256()
+        self._pos = 0  # bytes hashed so far
+        self._mark = 0  # end of the contiguous reported prefix
+        self._ranges: dict[int, int] = {}  # reported ranges beyond the mark: start -> end
+        self._cond = threading.Condition()
+        self._state = "run"  # -> "finish" | "cancel"
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._follow, name="hash-follow", daemon=True)
+        self._thread.start()
+
+    def written(self, offset: int, nbytes: int) -> None:
+        """Bytes ``[offset, offset + nbytes)`` of the file are written (any thread)."""
+        with self._cond:
+            if offset > self._mark:
+                self._ranges[offset] = max(self._ranges.get(offset, 0), offset + nbytes)
+                return
+            self._mark = max(self._mark, offset + nbytes)
+            while self._mark in self._ranges:
+                self._mark = max(self._mark, self._ranges.pop(self._mark))
+            self._cond.notify()
+
+    def _hash_to(self, end: int, buf: memoryview) -> None:
+        while self._pos < end and self._state != "cancel":
+            n = os.preadv(self._fd, [buf[: min(len(buf), end - self._pos)]], self._pos)
+            if n <= 0:
+                return
+            self._hash.update(buf[:n])
+            self._pos += n
+
+    def _follow(self) -> None:
+        buf = memoryview(bytearray(_CHUNK))
+        try:
+            while True:
+                with self._cond:
+                    while self._state == "run" and self._mark - self._pos < _CHUNK:
+                        self._cond.wait()
+                    state, mark = self._state, self._mark
+                if state == "cancel":
+                    return
+                if state == "finish":
+                    self._hash_to(os.fstat(self._fd).st_size, buf)
+                    return
+                self._hash_to(mark, buf)
+        except BaseException as e:  # raised by finish()
+            self._error = e
+
+    def finish(self) -> str:
+        """Hex sha256 of the whole file; call after the last write to it."""
+        with self._cond:
+            self._state = "finish"
+            self._cond.notify()
+        self._thread.join()
+        os.close(self._fd)
+        if self._error is not None:
+            raise self._error
+        return self._hash.hexdigest()
+
+    def cancel(self) -> None:
+        """Stop without a result (the writes failed)."""
+        with self._cond:
+            self._state = "cancel"
+            self._cond.notify()
+        self._thread.join()
+        os.close(self._fd)
 
 
 def recorded_outputs(folder: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], int]:

@@ -35,6 +35,9 @@ with ``pread`` into reused buffers (the kernel asked to read ahead the ones that
 changed in place by one worker thread per torch thread (torch single-threaded inside
 each), and written at their final offsets with ``pwrite`` by one writer thread behind
 them. Memory is a few tensors, whatever the size of the model; no file is memory-mapped.
+The sha256 the provenance record needs of each written shard is computed meanwhile by a
+thread that follows the writes (:class:`mergebake.outputs.FollowingHash`), so the shard
+is not read again after the bake.
 Every check (options the engine does not reproduce, ranks, biases, shapes) runs in
 :func:`plan_stream`, before anything is written. File access is
 :mod:`mergebake.safetensors_io`.
@@ -50,7 +53,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +61,7 @@ from typing import Any
 from . import MergebakeError
 from .checkpoint import INDEX_NAME, weight_files
 from .lora import AdapterPlan, group_keys, is_conv1d, module_scale, unsupported_options
-from .outputs import link_or_copy, write_json
+from .outputs import FollowingHash, link_or_copy, remember_sha256, write_json
 from .safetensors_io import (
     DTYPES,
     SafetensorsFile,
@@ -627,9 +630,15 @@ class _Workers:
     linear ops compute by row blocks (:class:`RowBlocks`) on the CPU.
     """
 
-    def __init__(self, splan: StreamPlan, device: str) -> None:
+    def __init__(
+        self,
+        splan: StreamPlan,
+        device: str,
+        on_written: Callable[[int, int, int], None] | None = None,
+    ) -> None:
         self.splan = splan
         self.device = device
+        self.on_written = on_written  # (fd, offset, nbytes) after each write
         self.blocks = RowBlocks() if device == "cpu" else None
         self._disk = {n: (st, e) for st in splan.shards for n, e in st.tensors.items()}
         self._local = threading.local()
@@ -664,6 +673,8 @@ class _Workers:
             try:
                 if self._write_error is None:
                     pwrite_all(fd, memoryview(data.numpy()), offset)
+                    if self.on_written is not None:
+                        self.on_written(fd, offset, data.numel())
             except BaseException as e:  # raised by the workers and by run()
                 self._write_error = e
             finally:
@@ -797,8 +808,10 @@ def run_stream(splan: StreamPlan, out: Path, *, device: str = "cpu") -> dict[str
     jobs: list[_Job] = []
     copies: list[tuple[int, int, int, int, int]] = []  # (src fd, dst fd, count, src, dst)
     fds: list[int] = []
+    hashes: dict[int, FollowingHash] = {}  # output fd -> the sha256 following its writes
     linked = written = 0
     total = 0
+    done = False
     try:
         for st in splan.shards:
             added = added_by_shard.get(st.path.name, {})
@@ -816,6 +829,8 @@ def run_stream(splan: StreamPlan, out: Path, *, device: str = "cpu") -> dict[str
             fds.append(dst)
             preallocate(dst, len(header) + _data_end(st, added))
             pwrite_all(dst, memoryview(header), 0)
+            hashes[dst] = FollowingHash(out / st.path.name)
+            hashes[dst].written(0, len(header))
             base = len(header)
             run: list[int] | None = None  # pending copy [src offset, dst offset, count]
             for name, e in st.tensors.items():
@@ -847,20 +862,28 @@ def run_stream(splan: StreamPlan, out: Path, *, device: str = "cpu") -> dict[str
             try:
                 for c in copies:
                     copy_range(*c)
+                    hashes[c[1]].written(c[4], c[2])
             except BaseException as e:
                 copier_error.append(e)
 
         copier = threading.Thread(target=copy_all, name="bake-copy", daemon=True)
         copier.start()
         try:
-            _Workers(splan, device).run(jobs)
+            _Workers(splan, device, lambda fd, off, n: hashes[fd].written(off, n)).run(jobs)
         finally:
             copier.join()
         if copier_error:
             raise copier_error[0]
+        done = True
     finally:
         for fd in fds:
             os.close(fd)
+        if not done:
+            for h in hashes.values():
+                h.cancel()
+    # the sha256 of each written shard, for the provenance record (no second read)
+    for h in hashes.values():
+        remember_sha256(h.path, h.finish())
     _write_index(splan, out, total)
     summary = {
         "shards_written": written,

@@ -739,3 +739,31 @@ def test_probe_verdicts_are_the_blas_own(bases, tmp_path, monkeypatch):
     assert sorted(verdicts) == sorted(ops)
     assert blocks.full_ops == sum(n for shape, n in ops.items() if not verdicts[shape])
     assert blocks.blocked_ops == sum(n for shape, n in ops.items() if verdicts[shape])
+
+
+def test_written_shards_are_hashed_while_written_not_read_again(bases, tmp_path, monkeypatch):
+    """The provenance sha256 of each shard the stream engine writes comes from the hash that
+    followed its writes (outputs.FollowingHash), equal to the file's; linked shards take
+    the base's; no written shard is read again to hash it."""
+    import hashlib
+
+    from mergebake import outputs
+
+    base = bases("gemma3", max_shard_size="40KB")
+    adapter = make_lora(base, tmp_path / "lora", target_modules=("q_proj", "down_proj"))
+    hashed = []
+    sha256_file = outputs.sha256_file
+    monkeypatch.setattr(
+        outputs, "sha256_file", lambda p: hashed.append(Path(p)) or sha256_file(p)
+    )
+    out = tmp_path / "out"
+    summary = bake(base, adapter, out, engine="stream")
+    assert summary["shards_written"] >= 2
+    record = json.loads((out / "provenance.json").read_text())["outputs"]
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    for name in shards:
+        assert record[name]["sha256"] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+    written = [s for s in shards if not os.path.samefile(base / s, out / s)]
+    assert len(written) == summary["shards_written"]
+    assert not [p for p in hashed if p.name in written and base not in p.parents], hashed
+    assert any(p.name in written for p in hashed)  # the base's own shards, as inputs

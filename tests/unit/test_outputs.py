@@ -102,3 +102,65 @@ def test_a_hard_linked_output_takes_its_inputs_recorded_hash(tmp_path):
     os.link(src / "w.bin", out / "w.bin")
     record = outputs.write_provenance(out, step="link", inputs={})
     assert record["outputs"]["w.bin"]["sha256"] == "e" * 64
+
+
+def _write_out_of_order(path, data: bytes, pieces: list[tuple[int, int]], follow) -> None:
+    """Write ``data`` into ``path`` piece by piece in the given order, reporting each."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for start, end in pieces:
+            os.pwrite(fd, data[start:end], start)
+            follow.written(start, end - start)
+    finally:
+        os.close(fd)
+
+
+def test_following_hash_gives_the_file_sha256_for_writes_in_any_order(tmp_path, monkeypatch):
+    """Ranges reported out of order, adjacent, empty and overlapping: the digest is the
+    file's, and the thread hashed the prefix before finish (small chunks forced)."""
+    monkeypatch.setattr(outputs, "_CHUNK", 1000)
+    rng = __import__("random").Random(0)
+    data = bytes(rng.randrange(256) for _ in range(50_000))
+    cuts = sorted({0, len(data), *(rng.randrange(len(data)) for _ in range(40))})
+    pieces = list(zip(cuts, cuts[1:]))
+    rng.shuffle(pieces)
+    pieces.insert(3, (7000, 7000))  # an empty range
+    pieces.append((100, 2000))  # a range reported again
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"")
+    os.truncate(path, len(data))
+    follow = outputs.FollowingHash(path)
+    _write_out_of_order(path, data, pieces, follow)
+    assert follow.finish() == _sha(data)
+    assert follow._pos == len(data)
+
+
+def test_following_hash_reads_ranges_nobody_reported_at_finish(tmp_path):
+    """A hole nobody reports (or a writer that never says) is still hashed, as on disk."""
+    data = os.urandom(3 * 1024 * 1024)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    follow = outputs.FollowingHash(path)
+    follow.written(1024, 4096)  # not at the start: nothing can be hashed before finish
+    assert follow.finish() == _sha(data)
+
+
+def test_following_hash_cancel_stops_without_a_result(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 10)
+    follow = outputs.FollowingHash(path)
+    follow.written(0, 5)
+    follow.cancel()
+    assert not follow._thread.is_alive()
+
+
+def test_a_remembered_sha256_is_used_until_the_file_changes(tmp_path, monkeypatch):
+    folder = tmp_path / "step"
+    folder.mkdir()
+    (folder / "w.bin").write_bytes(b"weights")
+    outputs.remember_sha256(folder / "w.bin", "ab" * 32)
+    manifest = outputs.output_manifest(folder)
+    assert manifest["w.bin"]["sha256"] == "ab" * 32  # taken, not read
+    with open(folder / "w.bin", "ab") as fh:  # a later write: new size and mtime
+        fh.write(b"!")
+    assert outputs.output_manifest(folder)["w.bin"]["sha256"] == _sha(b"weights!")
