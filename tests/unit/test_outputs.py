@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 
 from mergebake import outputs
 
@@ -119,10 +120,10 @@ def test_following_hash_gives_the_file_sha256_for_writes_in_any_order(tmp_path, 
     """Ranges reported out of order, adjacent, empty and overlapping: the digest is the
     file's, and the thread hashed the prefix before finish (small chunks forced)."""
     monkeypatch.setattr(outputs, "_CHUNK", 1000)
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     data = bytes(rng.randrange(256) for _ in range(50_000))
     cuts = sorted({0, len(data), *(rng.randrange(len(data)) for _ in range(40))})
-    pieces = list(zip(cuts, cuts[1:]))
+    pieces = list(zip(cuts[:-1], cuts[1:], strict=True))
     rng.shuffle(pieces)
     pieces.insert(3, (7000, 7000))  # an empty range
     pieces.append((100, 2000))  # a range reported again
