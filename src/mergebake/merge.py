@@ -157,6 +157,8 @@ def merge_cell(
                     workers=workers,
                     selection=selection,
                     config_source=source,
+                    hash_outputs=True,
+                    scan_values=True,
                 )
             except HandOver as e:  # found while planning, before anything was written
                 reason = str(e)
@@ -186,10 +188,19 @@ def merge_cell(
         made_by = stats["selection"] if stats is not None else "exact"
         copy_assets(base, tmp, processor=False, link=False)  # the base's tokenizer, as is
         (tmp / "recipe.yaml").write_text(source)
+        # the stream engine checked every tensor for NaN/Inf while it had it in memory
+        problems = [
+            f"tensor {name}: {bad} NaN/Inf value(s) of {numel}"
+            for name, bad, numel in (stats or {}).get("nonfinite", [])
+        ]
         try:
-            verify_checkpoint(tmp, base, allowed_config_keys=MERGE_CONFIG_KEYS)
-        except VerificationError as e:  # name the cell, not its temporary folder
-            raise VerificationError(Path(out), base, e.problems) from None
+            verify_checkpoint(
+                tmp, base, allowed_config_keys=MERGE_CONFIG_KEYS, scan_values=stats is None
+            )
+        except VerificationError as e:
+            problems += e.problems
+        if problems:  # name the cell, not its temporary folder
+            raise VerificationError(Path(out), base, problems) from None
         write_provenance(
             tmp,
             step="merge",

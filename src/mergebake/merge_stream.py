@@ -71,7 +71,15 @@ import torch
 
 from . import MergebakeError
 from . import methods as method_table
-from .safetensors_io import DTYPES, SafetensorsFile, header_bytes, preallocate, torch_dtype
+from .outputs import FollowingHash, remember_sha256
+from .safetensors_io import (
+    DTYPES,
+    SafetensorsFile,
+    count_nonfinite,
+    header_bytes,
+    preallocate,
+    torch_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -720,6 +728,9 @@ class _Stats:
     computed: int = 0
     seconds_compute: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    scan: bool = False  # count NaN/Inf of every output tensor while in memory
+    nonfinite: list[tuple[str, int, int]] = field(default_factory=list)  # (name, bad, numel)
+    hashes: dict[int, Any] = field(default_factory=dict)  # shard index -> FollowingHash
 
 
 def _run_job(
@@ -756,11 +767,16 @@ def _run_job(
             f"stream merge: {job.name} came out {tuple(result.shape)} {result.dtype}, planned "
             f"{job.shape} {job.dtype}; run with merge.engine: mergekit and report this"
         )
+    bad = count_nonfinite(result) if stats.scan else 0
     data = _as_bytes(result)
     fd, pos, done = fds[job.shard], job.offset, 0
     while done < len(data):
         done += os.pwrite(fd, data[done:], pos + done)
+    if job.shard in stats.hashes:
+        stats.hashes[job.shard].written(pos, len(data))
     with stats.lock:
+        if bad:
+            stats.nonfinite.append((job.name, bad, result.numel()))
         stats.shortcut += shortcut
         stats.computed += not shortcut
         stats.seconds_compute += time.perf_counter() - t0
@@ -782,6 +798,8 @@ def stream_merge(
     workers: int | None = None,
     selection: str = "exact",
     config_source: str | None = None,
+    hash_outputs: bool = False,
+    scan_values: bool = False,
 ) -> dict[str, Any]:
     """Write the merge of ``merge_config`` into ``out_path`` as ``mergekit-yaml`` would.
 
@@ -797,8 +815,18 @@ def stream_merge(
     ``mergekit.merge.run_merge`` does. Peak memory: the tensors in flight, about
     ``2 * workers`` output tensors with their inputs.
 
+    With ``hash_outputs`` a thread computes each shard's sha256 while it is written
+    (:class:`mergebake.outputs.FollowingHash`) and records it for this process's
+    provenance (:func:`mergebake.outputs.remember_sha256`), so the shards are not read
+    again to hash them; with ``scan_values`` every output tensor is checked for NaN/Inf
+    while in memory (:func:`mergebake.safetensors_io.count_nonfinite`) and the result
+    lists them under ``"nonfinite"`` (``[name, bad, numel]`` each; ``mergebake merge``
+    then skips verification's read of the values). Both are off for the bare engine, as
+    in ``mergekit-yaml``.
+
     Returns ``{"engine": "stream", "selection", "workers", "tensors", "shortcut",
-    "computed", "bytes", "shards", "seconds"}``. Raises :class:`HandOver` (before writing
+    "computed", "bytes", "shards", "seconds"}`` (plus ``"nonfinite"`` with
+    ``scan_values``). Raises :class:`HandOver` (before writing
     anything) when the recipe needs mergekit (:func:`support_problem`, :func:`plan`),
     ``ValueError`` for an unknown ``selection``, and :class:`MergebakeError` when a tensor
     comes out other than planned.
@@ -826,14 +854,18 @@ def stream_merge(
 
     out.mkdir(parents=True, exist_ok=True)
     fds = []
+    stats = _Stats(scan=scan_values)
+    done = False
     try:
-        for shard in the_plan.shards:
+        for i, shard in enumerate(the_plan.shards):
             fd = os.open(out / shard.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             fds.append(fd)
             preallocate(fd, shard.size)
             os.pwrite(fd, shard.header, 0)
             os.ftruncate(fd, shard.size)
-        stats = _Stats()
+            if hash_outputs:
+                stats.hashes[i] = FollowingHash(out / shard.name)
+                stats.hashes[i].written(0, len(shard.header))
         reader = _Reader()
         threads = torch.get_num_threads()
         per_worker = max(1, threads // workers)
@@ -860,9 +892,15 @@ def stream_merge(
         finally:
             torch.set_num_threads(threads)
             reader.close()
+        done = True
     finally:
         for fd in fds:
             os.close(fd)
+        if not done:
+            for h in stats.hashes.values():
+                h.cancel()
+    for h in stats.hashes.values():
+        remember_sha256(h.path, h.finish())
     if the_plan.index is not None:
         (out / "model.safetensors.index.json").write_bytes(the_plan.index)
 
@@ -896,4 +934,5 @@ def stream_merge(
         "bytes": the_plan.total_bytes,
         "shards": len(the_plan.shards),
         "seconds": time.perf_counter() - t0,
+        **({"nonfinite": [list(x) for x in stats.nonfinite]} if scan_values else {}),
     }

@@ -226,11 +226,14 @@ def find_problems(
     allowed_config_keys: Iterable[str] = (),
     load: bool = True,
     check_tokenizer: bool = True,
+    scan_values: bool = True,
 ) -> list[str]:
     """Every difference between ``candidate`` and ``reference``, one line each; [] when none.
 
     ``allowed_config_keys`` are dotted config paths (``dtype``, ``text_config.dtype``) the
-    candidate may change; ``transformers_version`` is always allowed.
+    candidate may change; ``transformers_version`` is always allowed. Without
+    ``scan_values`` the tensors' values are not read for NaN/Inf (for a writer that
+    checked each tensor while it had it in memory).
     """
     candidate, reference = Path(candidate), Path(reference)
     if not candidate.is_dir():
@@ -248,7 +251,7 @@ def find_problems(
         problems += diff_json(read_config(candidate), read_config(reference), allowed_config_keys)
     except MergebakeError as e:
         problems.append(f"config: {e}")
-    if cand_tensors is not None:
+    if cand_tensors is not None and scan_values:
         problems += nonfinite_problems(cand_tensors)
     if load and cand_tensors is not None:
         problems += load_problems(candidate)
@@ -265,11 +268,13 @@ def verify_checkpoint(
     load: bool = True,
     check_tokenizer: bool = True,
     remove_on_failure: bool = False,
+    scan_values: bool = True,
 ) -> None:
     """Raise :class:`VerificationError` listing every difference of ``candidate`` vs ``reference``.
 
     With ``remove_on_failure`` the candidate folder is deleted before raising, so a
-    build system never mistakes it for a finished output. Returns None when it passes.
+    build system never mistakes it for a finished output. ``scan_values``: see
+    :func:`find_problems`. Returns None when it passes.
     """
     candidate, reference = Path(candidate), Path(reference)
     problems = find_problems(
@@ -278,6 +283,7 @@ def verify_checkpoint(
         allowed_config_keys=allowed_config_keys,
         load=load,
         check_tokenizer=check_tokenizer,
+        scan_values=scan_values,
     )
     if not problems:
         log.info("verify %s against %s: ok", candidate, reference)

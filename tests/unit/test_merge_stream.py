@@ -25,6 +25,7 @@ from mergebake.merge_stream import (
     fast_sparsify,
     support_problem,
 )
+from mergebake.verify import VerificationError
 
 STEP = 2.0**-9  # task-vector entries are multiples of this: bf16 ties by the hundred
 
@@ -381,3 +382,50 @@ def test_unknown_engine_or_selection_is_refused_naming_the_key(models, tmp_path)
     with pytest.raises(MergebakeError, match="merge.selection"):
         _merge(models, tmp_path / "x", "ties", "stream", selection="approx")
     assert not (tmp_path / "x").exists()
+
+
+def test_stream_merge_hashes_and_scans_in_flight(models, tmp_path, monkeypatch):
+    """``mergebake merge`` on the stream engine records each shard's sha256 as computed
+    while it was written (equal to the file's; no shard read again to hash it), and
+    verification does not read the values again (the engine scanned them)."""
+    import hashlib
+
+    from mergebake import outputs, verify
+
+    hashed, scanned = [], []
+    sha256_file = outputs.sha256_file
+    monkeypatch.setattr(outputs, "sha256_file", lambda p: hashed.append(Path(p)) or sha256_file(p))
+    scan = verify.nonfinite_problems
+    monkeypatch.setattr(verify, "nonfinite_problems", lambda t: scanned.append(t) or scan(t))
+    out = tmp_path / "st"
+    got = _merge(models, out, "ties", "stream", parameters=PARAMETERS["ties"])
+    assert got["engine"] == "stream"
+    record = json.loads((out / "provenance.json").read_text())["outputs"]
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1
+    for name in shards:
+        assert record[name]["sha256"] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+    assert not [p for p in hashed if p.name in shards], hashed
+    assert scanned == []
+    _merge(models, tmp_path / "mk", "ties", "mergekit", parameters=PARAMETERS["ties"])
+    assert len(scanned) == 1  # mergekit's output is scanned by verification
+
+
+@pytest.mark.parametrize("engine", ["stream", "mergekit"])
+def test_a_merge_with_inf_fails_verification_naming_the_tensor(models, tmp_path, engine):
+    """An input holding Inf makes the merged tensor Inf: both engines fail with the same
+    verification lines (the stream engine found it in memory) and leave nothing."""
+    bad = tmp_path / "inf"
+    shutil.copytree(models["eng"], bad)
+    sd = load_file(bad / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    sd[name] = sd[name].clone()
+    sd[name].view(-1)[5] = float("inf")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(VerificationError) as err:
+        _merge({**models, "eng": bad}, tmp_path / "out", "linear", engine)
+    numel = sd[name].numel()
+    assert [p for p in err.value.problems if "NaN/Inf" in p] == [
+        f"tensor {name}: 1 NaN/Inf value(s) of {numel}"
+    ]
+    assert not (tmp_path / "out").exists()
