@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import logging
 import os
@@ -610,9 +611,15 @@ def _zero_task_vectors(job: Job, tensors: dict[Any, torch.Tensor]) -> bool:
     if ints is None:
         return False
     b = base.view(ints)
-    for ref, t in tensors.items():
-        if ref != base_ref and (t.dtype != base.dtype or not torch.equal(t.view(ints), b)):
-            return False
+    others = [t for ref, t in tensors.items() if ref != base_ref]
+    if any(t.dtype != base.dtype for t in others):
+        return False
+    # the first entries first: a fine-tuned tensor differs there, and torch.equal reads all
+    head = b.reshape(-1)[:4096]
+    if any(not torch.equal(t.view(ints).reshape(-1)[:4096], head) for t in others):
+        return False
+    if any(not torch.equal(t.view(ints), b) for t in others):
+        return False
     return bool(torch.isfinite(base).all())
 
 
@@ -868,6 +875,10 @@ def stream_merge(
                 stats.hashes[i].written(0, len(shard.header))
         reader = _Reader()
         threads = torch.get_num_threads()
+        # The tens of thousands of objects torch, transformers and mergekit created at
+        # import are never garbage; without this every full collection (triggered by
+        # mergekit's per-call objects) walks them: 7% of a 4.9 GB linear merge's CPU time.
+        gc.freeze()
         per_worker = max(1, threads // workers)
         torch.set_num_threads(per_worker)
         try:
@@ -890,6 +901,7 @@ def stream_merge(
                 for f in pending:
                     f.result()
         finally:
+            gc.unfreeze()
             torch.set_num_threads(threads)
             reader.close()
         done = True
