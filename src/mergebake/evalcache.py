@@ -74,12 +74,11 @@ from typing import Any
 from . import MergebakeError, __version__
 from . import eval_backend as _eval_backend
 from . import evaluate as _evaluate
+from .cachedir import ENV_DIR, ENV_OFF, default_dir, disabled_by_env
 from .outputs import atomic_file, file_manifest, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
-ENV_DIR = "MERGEBAKE_CACHE"
-ENV_OFF = "MERGEBAKE_NO_CACHE"
 #: Bump when what an entry holds, or what the key describes, changes meaning.
 KEY_FORMAT = "mergebake-eval-cache/1"
 #: Packages whose versions decide an eval's scores (absent ones are recorded as None).
@@ -103,21 +102,6 @@ KEY_PACKAGES = (
 NOT_READ = frozenset({"provenance.json", "recipe.yaml", "README.md", "mergekit_config.yml"})
 RESULT, SAMPLES, ENTRY = "result.json", "samples.json.gz", "entry.json"
 _STALE_TMP_SECONDS = 24 * 3600
-_FALSE = {"", "0", "false", "no", "off"}
-
-
-def default_dir() -> Path:
-    """``$MERGEBAKE_CACHE``, else ``$XDG_CACHE_HOME/mergebake``, else ``~/.cache/mergebake``."""
-    if os.environ.get(ENV_DIR):
-        return Path(os.environ[ENV_DIR]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    root = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return root / "mergebake"
-
-
-def disabled_by_env() -> bool:
-    """True when ``$MERGEBAKE_NO_CACHE`` is set to anything but ``""``/``0``/``false``/``no``."""
-    return os.environ.get(ENV_OFF, "").strip().lower() not in _FALSE
 
 
 def environment(cache_config: Mapping[str, Any] | None, workdir: str | os.PathLike) -> dict:

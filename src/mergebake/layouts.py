@@ -32,21 +32,38 @@ Gemma-3's text layers ``language_model.model.layers.*``, 4.52-4.57 and 5.x
 ``model.language_model.layers.*``. :meth:`Layout.adapter_param` maps such a name through the
 same renamings PEFT 0.21 applies to adapter keys (``peft.utils.transformers_weight_conversion``
 uses the model's ``WeightRenaming`` list).
+
+Building the model class costs seconds, nearly all of it importing transformers, so a
+layout is cached on disk (:func:`layout_cache_file`): ``<cache dir>/layout/<key[:2]>/<key>.json``
+under the eval cache's root (:mod:`mergebake.cachedir`, off with ``MERGEBAKE_NO_CACHE``). The
+key is the sha256 of the config, the tensor names, :data:`TEXT_CAUSAL_LM`, the versions of
+transformers and mergebake and the sha256 of this file's source; a hit imports no
+transformers (its renamings are kept pickled until :meth:`Layout.adapter_param` needs them,
+and are unpickled allowing transformers' weight-transform classes only).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import dataclasses
+import hashlib
+import io
+import json
 import logging
 import os
+import pickle
 import re
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import MergebakeError
+from . import MergebakeError, __version__
+from .cachedir import default_dir, disabled_by_env
 from .checkpoint import read_config, tensor_index
 
 log = logging.getLogger(__name__)
@@ -80,6 +97,13 @@ class Layout:
     values a transformers ``WeightConverter`` changes on load (fused experts, transposes):
     renaming cannot carry them. ``tied``: runtime names with no tensor of their own ->
     the disk name of the tensor they share. ``towers``: disk names of non-text parts.
+    ``renamings``: the model's checkpoint renamings (transformers ``WeightRenaming``
+    objects, legacy ones included), for :meth:`adapter_param`; a layout read from the
+    cache holds them pickled and unpickles them (importing transformers) on first use.
+    ``bias_renames``: :meth:`adapter_param` of the ``.bias`` of every runtime module whose
+    ``.weight`` has no bias beside it (a LoRA adapter names both), computed with
+    ``renamings`` when the layout is built, only where it is not the name itself; None:
+    not computed.
     """
 
     folder: Path
@@ -96,7 +120,8 @@ class Layout:
     tie_word_embeddings: bool
     towers: frozenset[str]
     text_config: Mapping[str, Any] | None = None
-    renamings: tuple[Any, ...] = field(default=(), repr=False)
+    renamings: Sequence[Any] = field(default=(), repr=False)
+    bias_renames: Mapping[str, str] | None = field(default=None, repr=False)
 
     @property
     def wrapped(self) -> bool:
@@ -110,16 +135,38 @@ class Layout:
         out.update(self.tied)
         return out
 
+    @cached_property
+    def _bias_sibling_names(self) -> set[str]:
+        return _bias_siblings(self.disk)
+
     def adapter_param(self, name: str) -> str:
         """The runtime parameter name of ``name`` as an adapter (of any transformers version)
         calls it: ``name`` itself when the model has it, else ``name`` through the model's
-        checkpoint renamings, as PEFT renames adapter keys on load."""
+        checkpoint renamings, as PEFT renames adapter keys on load (the ``.bias`` of a
+        bias-less module from ``bias_renames``, without importing transformers)."""
         if name in self.disk:
             return name
-        from transformers.core_model_loading import rename_source_key
+        if self.bias_renames is not None and name in self._bias_sibling_names:
+            return self.bias_renames.get(name, name)
+        return _renamed(name, self.renamings)
 
-        renamed, _ = rename_source_key(name, list(self.renamings), [])
-        return renamed
+
+def _bias_siblings(disk: Iterable[str]) -> set[str]:
+    """``<module>.bias`` for every ``<module>.weight`` in ``disk`` with no bias there."""
+    return {
+        n.removesuffix(".weight") + ".bias"
+        for n in disk
+        if n.endswith(".weight") and n.removesuffix(".weight") + ".bias" not in disk
+    }
+
+
+def _renamed(name: str, renamings: Sequence[Any]) -> str:
+    """``name`` through the checkpoint ``renamings`` (transformers' ``rename_source_key``,
+    no converters, no prefix step), as PEFT renames adapter keys."""
+    from transformers.core_model_loading import rename_source_key
+
+    renamed, _ = rename_source_key(name, list(renamings), [])
+    return renamed
 
 
 # ----------------------------------------------------------------------------- building
@@ -318,21 +365,37 @@ def build_layout(
 
     ``names`` are its tensor names (default: read from its safetensors headers);
     ``config`` its ``config.json`` (default: read). Builds the model class on the meta
-    device (seconds for a 30B config, no tensor memory). Raises :class:`MergebakeError`
+    device (seconds for a 30B config, no tensor memory), or reads the layout from the
+    layout cache (:func:`layout_cache_file`) without importing transformers; a layout
+    built is stored there (a failure to store only logs a warning). Raises :class:`MergebakeError`
     naming the file for a missing ``architectures`` entry, a class transformers does not
     have, tensors that fit no parameter of the class (``fit no rule``), a wrapped model
     whose text model type has no causal LM (add a :data:`TEXT_CAUSAL_LM` rule), or text
     tensors that do not give the text model's parameters one to one.
     """
-    from transformers import AutoConfig
-
     folder = Path(folder)
     raw = dict(config) if config is not None else read_config(folder)
-    where = str(folder / "config.json")
     arch = _architecture(raw, folder)
     if names is None:
         names = tensor_index(folder)
     names = sorted(names)
+    entry = layout_cache_file(raw, names)
+    if entry is not None:
+        hit = _load_entry(entry, folder)
+        if hit is not None:
+            log.debug("%s: layout from the layout cache %s", folder, entry)
+            return hit
+    layout = _build_layout(folder, raw, arch, names)
+    if entry is not None:
+        _store_entry(entry, layout)
+    return layout
+
+
+def _build_layout(folder: Path, raw: dict[str, Any], arch: str, names: list[str]) -> Layout:
+    """:func:`build_layout` without the cache: from transformers' own classes."""
+    from transformers import AutoConfig
+
+    where = str(folder / "config.json")
     if not _in_transformers(arch) and not any(k in raw for k in _TOWER_CONFIGS):
         # a text-only model transformers lacks (custom code): its names are taken as they
         # are, as it would load them; nothing is known to be tied or ignored
@@ -354,6 +417,7 @@ def build_layout(
             tied={},
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             towers=frozenset(),
+            bias_renames={},  # no renamings: every name is itself
         )
     cls = _model_class(arch, where)
     try:
@@ -372,6 +436,8 @@ def build_layout(
     tied = _tied(model, runtime)
     tie = _is_tied(model)
     renamings, _ = _weight_conversions(model, legacy=True)
+    siblings = _bias_siblings({*runtime.values(), *tied})
+    bias_renames = {n: r for n in sorted(siblings) if (r := _renamed(n, renamings)) != n}
     text_cfg = cfg.get_text_config()
     common = dict(
         folder=folder,
@@ -383,6 +449,7 @@ def build_layout(
         tied=tied,
         tie_word_embeddings=tie,
         renamings=tuple(renamings),
+        bias_renames=bias_renames,
     )
     if text_cfg is cfg:  # a text-only causal LM: names stay, ignored tensors go
         return Layout(
@@ -477,4 +544,227 @@ def _tied_aliases(model) -> set[str]:
     return out
 
 
-__all__ = ["TEXT_CAUSAL_LM", "Layout", "build_layout"]
+# ----------------------------------------------------------------------------- the cache
+
+#: Bump when what an entry holds, or what the key describes, changes meaning.
+CACHE_FORMAT = "mergebake-layout-cache/1"
+#: Subfolder of the cache root (:func:`mergebake.cachedir.default_dir`) holding layouts.
+CACHE_SUBDIR = "layout"
+_SETS = ("ignored", "converted", "towers")
+
+
+#: The only globals a renamings pickle may name besides transformers' weight transforms
+#: (what a ``WeightRenaming``'s slots hold), so a cache entry cannot run other code.
+_PICKLE_GLOBALS = frozenset(
+    {("builtins", "list"), ("builtins", "set"), ("collections", "defaultdict"), ("re", "_compile")}
+)
+
+
+class _RenamingsUnpickler(pickle.Unpickler):
+    """Unpickles transformers' weight transforms and the few builtins they hold, nothing else
+    (the "restricting globals" pattern of the :mod:`pickle` documentation)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "transformers.core_model_loading":
+            from transformers.core_model_loading import WeightTransform
+
+            cls = super().find_class(module, name)
+            if isinstance(cls, type) and issubclass(cls, WeightTransform):
+                return cls
+        raise pickle.UnpicklingError(f"{module}.{name} is not a transformers weight transform")
+
+
+def _unpickle_renamings(blob: bytes) -> tuple[Any, ...]:
+    return tuple(_RenamingsUnpickler(io.BytesIO(blob)).load())
+
+
+class _PickledRenamings(Sequence):
+    """A cached layout's renamings: pickled bytes, unpickled (which imports transformers)
+    the first time they are read."""
+
+    __slots__ = ("_blob", "_items", "_where")
+
+    def __init__(self, blob: bytes, where: str):
+        self._blob, self._where, self._items = blob, where, None
+
+    def _load(self) -> tuple[Any, ...]:
+        if self._items is None:
+            try:
+                self._items = _unpickle_renamings(self._blob)
+            except Exception as e:
+                raise MergebakeError(
+                    f"{self._where}: cannot unpickle the renamings of this layout cache entry "
+                    f"({type(e).__name__}: {e}); delete the file (or set MERGEBAKE_NO_CACHE=1)"
+                ) from e
+        return self._items
+
+    def __getitem__(self, i):
+        return self._load()[i]
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __iter__(self):
+        return iter(self._load())
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (tuple, _PickledRenamings)):
+            return self._load() == tuple(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self._items) if self._items is not None else "<pickled renamings>"
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@cache
+def _source_sha256() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def layout_cache_key(config: Mapping[str, Any], names: Sequence[str]) -> str | None:
+    """Hex sha256 keying the layout of a checkpoint with ``config`` (its ``config.json``
+    dict) and tensor ``names``: of the canonical JSON (sorted keys, no spaces) of
+    :data:`CACHE_FORMAT`, the config, the sorted names, :data:`TEXT_CAUSAL_LM`, the
+    installed transformers version (from its metadata; transformers is not imported),
+    mergebake's version and the sha256 of this module's source (any code change is a
+    new key). None when the config is not JSON (no caching then)."""
+    desc = {
+        "format": CACHE_FORMAT,
+        "config": config,
+        "names": sorted(names),
+        "text_causal_lm": TEXT_CAUSAL_LM,
+        "transformers": _dist_version("transformers"),
+        "mergebake": __version__,
+        "layouts_py": _source_sha256(),
+    }
+    try:
+        text = json.dumps(desc, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def layout_cache_file(config: Mapping[str, Any], names: Sequence[str]) -> Path | None:
+    """The layout cache entry for ``config`` and ``names`` (:func:`layout_cache_key`):
+    ``<cache dir>/layout/<key[:2]>/<key>.json``, the cache dir being
+    :func:`mergebake.cachedir.default_dir`; None when ``MERGEBAKE_NO_CACHE`` turns the
+    cache off or the config is not JSON."""
+    if disabled_by_env():
+        return None
+    key = layout_cache_key(config, names)
+    if key is None:
+        return None
+    return default_dir() / CACHE_SUBDIR / key[:2] / f"{key}.json"
+
+
+def _to_entry(layout: Layout, key: str) -> dict[str, Any]:
+    blob = pickle.dumps(tuple(layout.renamings), protocol=pickle.HIGHEST_PROTOCOL)
+    data: dict[str, Any] = {}
+    for f in dataclasses.fields(Layout):
+        if f.name in ("folder", "renamings"):
+            continue
+        value = getattr(layout, f.name)
+        data[f.name] = sorted(value) if f.name in _SETS else value
+    return {
+        "format": CACHE_FORMAT,
+        "key": key,
+        "layout": data,
+        "renamings": {
+            "pickle": base64.b64encode(blob).decode("ascii"),
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "repr": [repr(r) for r in layout.renamings],
+        },
+    }
+
+
+def _from_entry(entry: Mapping[str, Any], folder: Path, where: str) -> Layout:
+    """The :class:`Layout` an entry holds; KeyError/TypeError/ValueError when malformed."""
+    data = dict(entry["layout"])
+    for name in _SETS:
+        data[name] = frozenset(data[name])
+    blob = base64.b64decode(entry["renamings"]["pickle"], validate=True)
+    if hashlib.sha256(blob).hexdigest() != entry["renamings"]["sha256"]:
+        raise ValueError("renamings do not match their sha256")
+    return Layout(folder=folder, renamings=_PickledRenamings(blob, where), **data)
+
+
+def _load_entry(path: Path, folder: Path) -> Layout | None:
+    """The cached layout at ``path`` with ``folder`` set, or None (a miss) when the entry
+    is absent, unreadable, damaged or of another key or format."""
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        if entry.get("format") != CACHE_FORMAT or entry.get("key") != path.stem:
+            raise ValueError("another format or key")
+        return _from_entry(entry, folder, str(path))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("%s: damaged layout cache entry (%s); building the layout again", path, e)
+        return None
+
+
+def _same_fields(a: Layout, b: Layout) -> bool:
+    return all(
+        getattr(a, f.name) == getattr(b, f.name)
+        for f in dataclasses.fields(Layout)
+        if f.name not in ("folder", "renamings")
+    )
+
+
+def _store_entry(path: Path, layout: Layout) -> None:
+    """Write ``layout``'s entry to ``path`` atomically (a temporary file beside it, then
+    ``os.replace``). Stores nothing when the entry would not read back as ``layout`` (a
+    config value JSON cannot hold) and only logs a warning when the cache cannot be
+    written (read-only, full)."""
+    try:
+        entry = _to_entry(layout, path.stem)
+        text = json.dumps(entry, separators=(",", ":"), allow_nan=False)
+        back = _from_entry(json.loads(text), layout.folder, str(path))
+        renamings = _unpickle_renamings(back.renamings._blob)
+    except (TypeError, ValueError, AttributeError, pickle.PickleError) as e:
+        log.info("%s: layout not cached (%s)", layout.folder, e)
+        return
+    if not _same_fields(back, layout) or [repr(r) for r in renamings] != [
+        repr(r) for r in layout.renamings
+    ]:
+        log.info("%s: layout not cached (it does not read back the same)", layout.folder)
+        return
+    # one writer per process and thread; the umask decides the mode, as for every output
+    tmp: Path | None = path.parent / f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        log.warning(
+            "%s: cannot store the layout cache entry (%s); the layout is built again next "
+            "time (set MERGEBAKE_CACHE to a writable folder, or MERGEBAKE_NO_CACHE=1)",
+            path,
+            e,
+        )
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+__all__ = [
+    "CACHE_FORMAT",
+    "TEXT_CAUSAL_LM",
+    "Layout",
+    "build_layout",
+    "layout_cache_file",
+    "layout_cache_key",
+]

@@ -12,6 +12,13 @@ from mergebake.layouts import build_layout
 from mergebake.normalise import normalise
 
 
+@pytest.fixture(autouse=True)
+def _own_layout_cache(tmp_path, monkeypatch):
+    """Each test's layouts come from transformers, not from an entry another test stored in
+    the run's shared cache (a hit would skip the code under test)."""
+    monkeypatch.setenv("MERGEBAKE_CACHE", str(tmp_path / "mergebake-cache"))
+
+
 @pytest.mark.parametrize("arch", ["gemma4", "gemma4-e"])
 def test_gemma4_demo_base_is_deterministic_and_normalises(tmp_path, arch):
     demo.make_base(tmp_path / "a", arch=arch, num_layers=4, seed=3)

@@ -30,6 +30,15 @@ LINEAR = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 IDS = torch.tensor([[2, 5, 9, 17, 33, 40, 63, 4]])  # no image/audio token ids among them
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _own_layout_cache(tmp_path_factory):
+    """This module's layouts come from transformers, not from an entry another module
+    stored in the run's shared cache (a hit would skip the code under test)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MERGEBAKE_CACHE", str(tmp_path_factory.mktemp("mergebake-cache")))
+        yield
+
+
 def lm_only(family: str) -> str:
     """PEFT target regex over the language model's linear layers only (runtime names)."""
     prefix = r"model\.language_model" if family in WRAPPED_FAMILIES else "model"

@@ -56,6 +56,13 @@ ADAPTER_450 = {  # runtime (4.52+ / 5.x) module prefix -> what 4.50/4.51 called 
 PEFT = "base_model.model."
 
 
+@pytest.fixture(autouse=True)
+def _own_layout_cache(tmp_path, monkeypatch):
+    """Each test's layouts come from transformers, not from an entry another test stored in
+    the run's shared cache (a hit would skip the code under test)."""
+    monkeypatch.setenv("MERGEBAKE_CACHE", str(tmp_path / "mergebake-cache"))
+
+
 def _rename(name: str, rules) -> str:
     for old, new in rules:
         if name.startswith(old):

@@ -19,6 +19,13 @@ from mergebake.normalise import normalise
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+@pytest.fixture(autouse=True)
+def _own_layout_cache(tmp_path, monkeypatch):
+    """Each test's layouts come from transformers, not from an entry another test stored in
+    the run's shared cache (a hit would skip the code under test)."""
+    monkeypatch.setenv("MERGEBAKE_CACHE", str(tmp_path / "mergebake-cache"))
+
+
 @pytest.fixture(scope="module")
 def mm(tmp_path_factory):
     """One tiny multimodal base per dtype (transformers 5.x layout, tied head)."""
