@@ -9,7 +9,10 @@ modules, fp32 as PEFT saves it), then times, each as a separate process with its
   ``save_pretrained`` (what the ``peft`` engine does);
 - ``stream``: ``mergebake bake --engine stream`` (preflight, bake, provenance with sha256s:
   the inputs' taken from the fetch record the base and adapter carry, as in the workflow,
-  the outputs' computed);
+  the outputs' computed while they are written); its layout cache (in the work folder)
+  starts empty at each size, so the first stream run (``cold``, reported apart) builds
+  the base's key layout with transformers and the others read it, as every bake into
+  a base after its first does;
 - ``cp``: ``cp -r`` of the base checkpoint folder;
 - ``deltas``: a bare process that reads the adapter and computes every ``B @ A * scale``
   in fp32 (the arithmetic no bake can skip);
@@ -259,27 +262,30 @@ def run_size(
         shutil.rmtree(out, ignore_errors=True)
 
     outs = {k: folder / f"out-{k}" for k in ("peft", "stream", "cp")}
+    # the layout cache (mergebake.layouts) starts empty: the first stream bake builds the
+    # base's layout with transformers (cold), the others read it (warm, as every bake into
+    # a base after its first)
+    cache = folder / "layout-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {**env, "MERGEBAKE_CACHE": str(cache)}
+    stream_cmd = [
+        str(BIN / "mergebake"),
+        "bake",
+        "--engine",
+        "stream",
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--out",
+        str(outs["stream"]),
+    ]
+    once("cold", stream_cmd, outs["stream"], False)
     for i in range(repeat):
         last = i == repeat - 1
         once("cp", ["cp", "-r", str(base), str(outs["cp"])], outs["cp"], last)
         once("deltas", [PY, "-c", DELTAS_SCRIPT, str(adapter)], outs["cp"].with_name("none"), last)
-        once(
-            "stream",
-            [
-                str(BIN / "mergebake"),
-                "bake",
-                "--engine",
-                "stream",
-                "--base",
-                str(base),
-                "--adapter",
-                str(adapter),
-                "--out",
-                str(outs["stream"]),
-            ],
-            outs["stream"],
-            last,
-        )
+        once("stream", stream_cmd, outs["stream"], last)
         if with_peft:
             once(
                 "peft",
@@ -309,6 +315,7 @@ def table(label: str, res: dict) -> None:
     rows = [
         ("peft (load+merge+save)", "peft"),
         ("stream (mergebake bake)", "stream"),
+        ("stream, layout cache cold", "cold"),
         ("cp -r", "cp"),
         ("deltas only (fp32 B@A)", "deltas"),
     ]
@@ -321,6 +328,7 @@ def table(label: str, res: dict) -> None:
         p = res["peft"]
         print(
             f"  stream vs PEFT: PEFT / stream wall = {p[0] / s[0]:.2f}x (target >= 3x); "
+            f"cold layout cache {p[0] / res['cold'][0]:.2f}x; "
             f"stream RSS / PEFT RSS = {100 * s[1] / p[1]:.0f}%"
         )
     print(f"  stream vs cp:   stream / cp wall = {s[0] / cp[0]:.2f}x (target <= 1.5x)")

@@ -12,7 +12,8 @@ times, each as a separate process with its imports:
   rendered recipe with mergekit's default options (``selection`` exact, and fast for TIES),
   with the workers capped at 2 and at 1;
 
-and prints wall seconds (min of ``--repeat`` runs; the 1-worker runs once), peak RSS
+and prints wall seconds (min of ``--repeat`` runs; the 1-worker runs once; every run
+starts with nothing dirty and the inputs read through, see :func:`warm`), peak RSS
 (``/usr/bin/time``'s maximum resident set of that process), the speed-up over mergekit,
 and whether every safetensors file and the index are byte-identical to mergekit's. A
 second size (``--large-layers``, 64 by default: 4x the linear layers' parameters) runs
@@ -104,6 +105,20 @@ def render(folder: Path, method: str) -> Path:
     return path
 
 
+def warm(folder: Path) -> None:
+    """Start every timed process from the same page-cache state (not timed): nothing dirty
+    (``sync``) and the three input checkpoints read through, so they are cached as far as
+    memory allows. Without it a process pays the disk reads its predecessor caused (at
+    4.9 GB, mergekit's 19 GB of RSS pushes the inputs out of the cache and the next
+    process reads them from disk)."""
+    os.sync()
+    buf = bytearray(64 << 20)
+    for name in ("base", "a", "b"):
+        with open(folder / name / "model.safetensors", "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+
+
 def same_bytes(a: Path, b: Path) -> str:
     """'yes' when every safetensors file and the index of ``a`` equal ``b``'s byte for byte."""
     names = sorted(p.name for p in a.iterdir() if "safetensors" in p.name)
@@ -133,6 +148,7 @@ def run_size(
             best = None
             for _ in range(n):
                 shutil.rmtree(out, ignore_errors=True)
+                warm(folder)
                 wall, rss = measure(cmd, env)
                 print(f"  {out.name:<40}{wall:8.2f} s {rss:8.0f} MB", flush=True)
                 best = (wall, rss) if best is None else (min(best[0], wall), max(best[1], rss))
