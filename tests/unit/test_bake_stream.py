@@ -754,6 +754,7 @@ def test_written_shards_are_hashed_while_written_not_read_again(bases, tmp_path,
     hashed = []
     sha256_file = outputs.sha256_file
     monkeypatch.setattr(outputs, "sha256_file", lambda p: hashed.append(Path(p)) or sha256_file(p))
+    monkeypatch.setattr(outputs, "_HASHED", {})  # no hash memo left by an earlier bake
     out = tmp_path / "out"
     summary = bake(base, adapter, out, engine="stream")
     assert summary["shards_written"] >= 2
