@@ -227,24 +227,23 @@ class FollowingHash:
         except BaseException as e:  # raised by finish()
             self._error = e
 
-    def finish(self) -> str:
-        """Hex sha256 of the whole file; call after the last write to it."""
+    def _stop(self, state: str) -> None:
         with self._cond:
-            self._state = "finish"
+            self._state = state
             self._cond.notify()
         self._thread.join()
         os.close(self._fd)
+
+    def finish(self) -> str:
+        """Hex sha256 of the whole file; call after the last write to it."""
+        self._stop("finish")
         if self._error is not None:
             raise self._error
         return self._hash.hexdigest()
 
     def cancel(self) -> None:
         """Stop without a result (the writes failed)."""
-        with self._cond:
-            self._state = "cancel"
-            self._cond.notify()
-        self._thread.join()
-        os.close(self._fd)
+        self._stop("cancel")
 
 
 def recorded_outputs(folder: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], int]:
