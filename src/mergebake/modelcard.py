@@ -477,6 +477,31 @@ def _adapter_space_card(cell_dir, spec, summary, data, base, space):
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
+def _role(entry: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The Sources table's role of an adapter entry, and the entry whose source the row
+    shows. For a selected checkpoint (``eng@best``: the entry has ``selection``, the path
+    of its selection JSON, and ``checkpoints``, each step's entry) the role names the
+    step the selection chose and by which rule, and the row shows that checkpoint's
+    source; without a readable selection file (a card made outside the workflow) the
+    member's own entry, as for any adapter."""
+    role = f"adapter `{entry['name']}`"
+    sel = entry.get("selection")
+    if not sel:
+        return role, entry
+    try:
+        chosen = json.loads(Path(sel).read_text())
+        step = str(chosen["choice"])
+        picked = entry["checkpoints"][step]
+    except (OSError, ValueError, KeyError, TypeError):
+        return role, entry
+    rule = "highest" if chosen.get("mode") == "max" else "lowest"
+    return (
+        f"{role}: checkpoint `{picked['name']}` ({rule} `{chosen.get('metric')}` of "
+        f"{len(entry['checkpoints'])} checkpoints)",
+        picked,
+    )
+
+
 def _sources_and_scores(spec: dict[str, Any], summary: dict[str, Any], base: dict) -> list[str]:
     """The card's Sources and Evaluation sections, as lines."""
     adapters = spec["adapters"]
@@ -490,10 +515,11 @@ def _sources_and_scores(spec: dict[str, Any], summary: dict[str, Any], base: dic
         ]
     ]
     for a in adapters:
+        role, a = _role(a)
         s = describe_source(a)
         rows.append(
             [
-                f"adapter `{a['name']}`",
+                role,
                 s["detail"],
                 f"`{s['revision']}`" if s["revision"] else "–",
                 _commit_cell(s["commit"]),

@@ -221,3 +221,28 @@ def test_demo_checkpoints_are_peft_adapters_and_leave_the_final_adapter_unchange
     ).read_bytes()
     assert (tmp_path / "ck/checkpoint-4/adapter_config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ck", "plain"]  # no leftovers
+
+
+def test_the_card_spec_of_a_best_member_carries_its_selection_and_every_checkpoint():
+    """The card of a cell with eng@best learns the choice when it is made (from the
+    selection JSON) and shows that checkpoint's own source (subfolder, fetched folder)."""
+    plan = Plan(load_config(cfg(HUB)))
+    spec = plan.card_spec({"base": B, "group": "eng-nob", "method": "linear"})
+    best, nob = spec["adapters"]
+    assert best["name"] == "eng@best" and best["dir"] is None
+    assert best["selection"] == f"results/selection/{B}/eng.json"
+    assert best["checkpoints"] == {
+        str(n): {
+            "name": f"eng@{n}",
+            "source": {
+                "hub": {
+                    "repo": "org/seams",
+                    "revision": "a" * 40,
+                    "subfolder": f"adapters/checkpoint-{n}",
+                }
+            },
+            "dir": f"resources/adapters/{B}/eng@{n}",
+        }
+        for n in (500, 1000)
+    }
+    assert set(nob) == {"name", "source", "dir"}  # a plain member: as before

@@ -4,6 +4,7 @@ trip through huggingface_hub's ModelCard.load with the metadata intact."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -316,3 +317,47 @@ def test_adapter_space_card_says_how_to_load_the_model_and_the_adapter(work):
     assert "| demo_eng | acc | 0 | 0.900 | – | – |" in text  # scores as for any cell
     tags = build_cell_card(work["cell"], spec, summary).data.to_dict()["tags"]
     assert "peft" in tags and "mergekit" not in tags
+
+
+def test_a_selected_checkpoint_is_named_with_its_rule_and_its_own_source(work, tmp_path):
+    """eng@best: the Sources row names the chosen checkpoint and the selection rule and
+    shows that checkpoint's subfolder and pinned commit; with no selection file (a card
+    made outside the workflow) the member's own entry, as before."""
+    spec = copy.deepcopy(work["spec"])
+    ckpt = {}
+    for n, sha in ((500, "c" * 40), (1000, "d" * 40)):
+        d = tmp_path / f"resources/adapters/4b-std/eng@{n}"
+        d.mkdir(parents=True)
+        (d / "provenance.json").write_text(json.dumps({"source": {"commit": sha}}))
+        ckpt[str(n)] = {
+            "name": f"eng@{n}",
+            "dir": str(d),
+            "source": {"hub": {"repo": "org/seams", "subfolder": f"ckpt-{n}", "revision": "main"}},
+        }
+    sel = tmp_path / "results/selection/4b-std/eng.json"
+    sel.parent.mkdir(parents=True)
+    sel.write_text(
+        json.dumps(
+            {"choice": 1000, "metric": "demo_eng/acc", "mode": "max", "scores": {"500": 0.4}}
+        )
+    )
+    spec["adapters"][0] = {
+        "name": "eng@best",
+        "dir": None,
+        "source": {
+            "hub": {"repo": "org/seams", "subfolder": "ckpt-{checkpoint}", "revision": "main"}
+        },
+        "selection": str(sel),
+        "checkpoints": ckpt,
+    }
+    summary = cell_scores(work["scores"], work["base"], None, "_base")
+    text = build_cell_card(work["cell"], spec, summary).text
+    row = next(line for line in text.splitlines() if "eng@best" in line and "org/seams" in line)
+    assert row.startswith(
+        "| adapter `eng@best`: checkpoint `eng@1000` (highest `demo_eng/acc` of 2 checkpoints) "
+    )
+    assert "org/seams (`ckpt-1000`)" in row and "d" * 7 in row and "c" * 7 not in row
+    sel.unlink()
+    text = build_cell_card(work["cell"], spec, summary).text
+    row = next(line for line in text.splitlines() if "eng@best" in line and "org/seams" in line)
+    assert row.startswith("| adapter `eng@best` |") and "ckpt-{checkpoint}" in row

@@ -530,20 +530,32 @@ class Plan:
         )
         adapters = []
         for a in self.config["groups"][wc["group"]]:
-            if split_member(a)[1] == BEST:  # which checkpoint: the selection's JSON says
-                entry_cfg = self.config["adapters"][base][split_member(a)[0]]
-                adapters.append(dict(name=a, source=dict(entry_cfg), dir=None))
-                continue
-            asrc = self.adapter_sources[(base, a)]
-            folder = path("adapter", base=base, adapter=a)
-            adapters.append(
-                dict(
-                    name=a,
-                    source=asrc.to_config(),
-                    dir=folder if isinstance(asrc, HubSource) else None,
+            name, step = split_member(a)
+            if step == BEST:  # which checkpoint: the selection's JSON says, when the card is made
+                entry_cfg = self.config["adapters"][base][name]
+                adapters.append(
+                    dict(
+                        name=a,
+                        source=dict(entry_cfg),
+                        dir=None,
+                        selection=path("selection", base=base, adapter=name),
+                        checkpoints={
+                            str(n): self._adapter_entry(base, checkpoint_row(name, n))
+                            for n in self.checkpoints(base, name)
+                        },
+                    )
                 )
-            )
+                continue
+            adapters.append(self._adapter_entry(base, a))
         return entry, adapters
+
+    def _adapter_entry(self, base: str, row: str) -> dict[str, Any]:
+        """A card's ``{name, source, dir}`` of the adapter row ``row`` on ``base``."""
+        asrc = self.adapter_sources[(base, row)]
+        folder = path("adapter", base=base, adapter=row)
+        return dict(
+            name=row, source=asrc.to_config(), dir=folder if isinstance(asrc, HubSource) else None
+        )
 
     def hub_source_dirs(self, wc: Wildcards) -> list[str]:
         """Fetched folders of the cell's Hub base and adapters (their provenance has the commit)."""
