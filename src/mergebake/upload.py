@@ -177,7 +177,9 @@ def gguf_entries(
     ``<path_in_repo>/<file name>``) and ``repo`` the repo it goes to. Each entry:
     ``{type, file, repo, path_in_repo, bytes, sha256, checked_by, check}`` with ``check``
     the llama.cpp logit comparison of the sidecar (top-1 agreement, max |Δlogit| and
-    tolerances per prompt). Raises :class:`MergebakeError` naming a GGUF without a sidecar,
+    tolerances per prompt). The sidecar's sha256 is taken without reading the file while
+    the file has the recorded size and is no newer than its sidecar; otherwise the file is
+    hashed and must match. Raises :class:`MergebakeError` naming a GGUF without a sidecar,
     or whose sidecar does not describe it (size or sha256 differ: rerun its export job).
     """
     out = []
@@ -190,8 +192,14 @@ def gguf_entries(
             raise MergebakeError(
                 f"{side}: cannot read the GGUF's check record ({e}); rerun its export job"
             ) from e
-        size = f.stat().st_size
-        digest = sha256_file(f)
+        st, side_mtime = f.stat(), side.stat().st_mtime_ns
+        size = st.st_size
+        if info.get("bytes") == size and st.st_mtime_ns <= side_mtime and info.get("sha256"):
+            # the export's own hash (sidecar written after the file, file unchanged since:
+            # the rule of mergebake.outputs.file_manifest); a GGUF is gigabytes
+            digest = info["sha256"]
+        else:
+            digest = sha256_file(f)
         if info.get("bytes") != size or info.get("sha256") != digest:
             raise MergebakeError(
                 f"{f}: its sidecar {side.name} describes another file (bytes/sha256 differ); "
@@ -279,8 +287,11 @@ def upload_cell(
     gguf_info = gguf_entries(gguf, path_in_repo, gguf_repo or repo) if gguf else None
     if not gguf_repo:
         files.update(gguf_files)
-    # The cell's (and each subfolder's) own output record spares hashing it again.
-    digests: dict[Path, str] = {}
+    # The cell's (and each subfolder's) own output record spares hashing it again, and so
+    # does each GGUF's sidecar.
+    digests: dict[Path, str] = {
+        gguf_files[e["file"]]: e["sha256"] for e in (gguf_info or []) if e["file"] in gguf_files
+    }
     for folder in (cell_dir, *map(Path, (subfolders or {}).values())):
         local = payload_files(folder)
         for rel, d in recorded_sha256(folder, local).items():
@@ -350,7 +361,7 @@ def upload_cell(
         )
         if gguf_repo and gguf_files:
             gmanifest = {
-                rel: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                rel: {"bytes": p.stat().st_size, "sha256": digests.get(p) or sha256_file(p)}
                 for rel, p in gguf_files.items()
             }
             gresult, ghead, gchanged, _ = _commit_folder(

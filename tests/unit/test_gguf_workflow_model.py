@@ -193,6 +193,40 @@ def test_a_gguf_its_sidecar_does_not_describe_is_refused(cell_and_gguf):
         gguf_entries(files[:1], "1b-std/g__m", "org/grid")
 
 
+def test_the_upload_takes_each_gguf_hash_from_its_sidecar(cell_and_gguf, tmp_path, monkeypatch):
+    """A GGUF no newer than its sidecar, with the recorded size, is not read again at upload
+    (its sha256 is the export's, in the receipt and the manifest, in either repo); one
+    modified after its sidecar is hashed and refused when it differs."""
+    import os
+
+    from mergebake import upload
+
+    cell, files = cell_and_gguf
+    hashed = []
+    sha256_file = upload.sha256_file
+    monkeypatch.setattr(upload, "sha256_file", lambda p: hashed.append(Path(p)) or sha256_file(p))
+    for gguf_repo in (None, "org/ggufs"):
+        r = upload_cell(
+            cell, tmp_path / "r.json", repo="org/grid", path_in_repo="1b-std/g__m",
+            gguf=files, gguf_repo=gguf_repo,
+        )  # fmt: skip
+        assert not [p for p in hashed if p.suffix == ".gguf"], hashed
+        for e in r["gguf"]:
+            assert (
+                e["sha256"]
+                == hashlib.sha256(Path(files[0].parent, e["file"]).read_bytes()).hexdigest()
+            )
+    # the same size, other bytes, written after the sidecar: hashed, and refused
+    data = files[1].read_bytes()
+    files[1].write_bytes(b"x" * len(data))
+    side = Path(f"{files[1]}.json")
+    st = side.stat()
+    os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    with pytest.raises(Exception, match=r"g__m.q8_0.gguf: its sidecar .* describes another file"):
+        gguf_entries(files, "1b-std/g__m", "org/grid")
+    assert hashed[-1] == files[1]
+
+
 def test_card_lists_files_with_type_size_check_and_how_to_run(cell_and_gguf):
     _, files = cell_and_gguf
     spec = {
