@@ -302,11 +302,26 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
+def _gguf_files(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The GGUF file entries of a cell spec that were published (with their size)."""
+    return [f for f in (spec.get("gguf") or {}).get("files") or [] if "bytes" in f]
+
+
+def _gguf_links(entries: list[dict[str, Any]]) -> str:
+    """``q8_0, bf16`` as links to each GGUF file on the Hub, for the repo README."""
+    return ", ".join(
+        f"[{e['type']}]({hub_url(e['repo'], e['path_in_repo']).replace('/tree/', '/blob/', 1)})"
+        if e.get("repo")
+        else e["type"]
+        for e in entries
+    )
+
+
 def _gguf_section(spec: dict[str, Any]) -> list[str]:
     """The card's GGUF section: each file (name, type, size, llama.cpp's check) and how to
     run it with llama.cpp; [] when the cell has no GGUF files (spec without ``gguf``)."""
     gguf = spec.get("gguf") or {}
-    files = [f for f in gguf.get("files") or [] if "bytes" in f]
+    files = _gguf_files(spec)
     if not files:
         return []
     repo = gguf.get("repo") or spec["repo"]
@@ -378,7 +393,7 @@ def build_cell_card(cell_dir: Path, spec: dict[str, Any], summary: dict[str, Any
     results = _eval_results(summary)
     data = ModelCardData(
         base_model=base["repo"],
-        tags=[*TAGS, cell["method"]],
+        tags=[*TAGS, cell["method"], *(["gguf"] if _gguf_files(spec) else [])],
         library_name=LIBRARY,
         pipeline_tag=PIPELINE,
         language=list(spec.get("languages") or []) or None,
@@ -624,7 +639,9 @@ def build_repo_card(
     """The repo-level README: the grid table with a link to every cell and its commit.
 
     ``rows``: one per cell, ``{"path_in_repo", "size", "variant", "group", "method",
-    "commit", "summary"}`` (``summary`` from :func:`cell_scores`, as kept in the receipt).
+    "commit", "summary"}`` (``summary`` from :func:`cell_scores`, as kept in the receipt),
+    optionally ``"gguf"`` (the receipt's GGUF entries: a GGUF column links each file, and
+    the README is tagged ``gguf``).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -638,9 +655,10 @@ def build_repo_card(
         ),
     )
     methods = sorted({r["method"] for r in rows}, key=natural_key)
+    gguf = any(r.get("gguf") for r in rows)
     data = ModelCardData(
         base_model=sorted(set(base_models or [])) or None,
-        tags=[*TAGS, *methods],
+        tags=[*TAGS, *methods, *(["gguf"] if gguf else [])],
         library_name=LIBRARY,
         pipeline_tag=PIPELINE,
         language=list(languages or []) or None,
@@ -673,6 +691,7 @@ def build_repo_card(
                 r["group"],
                 *cells,
                 _fmt(mean, True),
+                *([_gguf_links(r.get("gguf") or []) or "–"] if gguf else []),
                 f"[`{commit[:12]}`]({commit_url(repo, commit)})" if commit else "–",
             ]
         )
@@ -693,9 +712,9 @@ def build_repo_card(
         "",
     ]
     lines += md_table(
-        ["cell", "method", "group", *columns, "mean Δ", "commit"],
+        ["cell", "method", "group", *columns, "mean Δ", *(["GGUF"] if gguf else []), "commit"],
         table,
-        ["l", "l", "l", *["r"] * (len(columns) + 1), "l"],
+        ["l", "l", "l", *["r"] * (len(columns) + 1), *(["l"] if gguf else []), "l"],
     )
     lines += ["", "## Loading", "", _loading_snippet(repo, example), ""]
     if private:

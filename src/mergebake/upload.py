@@ -629,6 +629,7 @@ def cli_hub_readme(a) -> None:
                 **{k: r[k] for k in ("path_in_repo", "size", "variant", "group", "method")},
                 "commit": rec.get("commit"),
                 "summary": rec.get("summary"),
+                **({"gguf": rec["gguf"]} if rec.get("gguf") else {}),
             }
         )
     repo = a.repo or "your-org/your-repo"

@@ -361,3 +361,48 @@ def test_a_selected_checkpoint_is_named_with_its_rule_and_its_own_source(work, t
     text = build_cell_card(work["cell"], spec, summary).text
     row = next(line for line in text.splitlines() if "eng@best" in line and "org/seams" in line)
     assert row.startswith("| adapter `eng@best` |") and "ckpt-{checkpoint}" in row
+
+
+def test_repo_card_links_each_cells_gguf_files_and_is_tagged_gguf(work):
+    """Cells with GGUF files (from their receipts) get a GGUF column linking each file in
+    the repo it went to; cards of a grid without GGUF stay as they were (no column, no tag)."""
+    summary = cell_scores(work["scores"], work["base"], None, "_base")
+    gguf = [
+        {"type": t, "repo": "org/ggufs", "path_in_repo": f"4b-std/eng-nob__ties/c.{t}.gguf"}
+        for t in ("bf16", "q8_0")
+    ]
+    rows = [
+        dict(path_in_repo="4b-std/eng-nob__ties", size="4b", variant="std", group="eng-nob",
+             method="ties", commit=None, summary=summary, gguf=gguf),
+        dict(path_in_repo="4b-std/eng-nob__linear", size="4b", variant="std", group="eng-nob",
+             method="linear", commit=None, summary=summary),
+    ]  # fmt: skip
+    card = build_repo_card(rows, repo="org/merges")
+    assert ModelCard(str(card)).data.to_dict()["tags"][-1] == "gguf"
+    lines = [ln for ln in card.text.splitlines() if ln.startswith("| [") or ln.startswith("| cell")]
+    assert "| GGUF | commit |" in lines[0]
+    url = "https://huggingface.co/org/ggufs/blob/main/4b-std/eng-nob__ties/c.q8_0.gguf"
+    assert f"[q8_0]({url})" in lines[2] and "[bf16](" in lines[2]
+    assert lines[1].endswith("| – | – |")  # linear: no GGUF, no commit
+    plain = build_repo_card(rows[1:], repo="org/merges")
+    assert "GGUF" not in plain.text and "gguf" not in ModelCard(str(plain)).data.to_dict()["tags"]
+
+
+def test_a_cell_card_with_gguf_files_is_tagged_gguf(work):
+    summary = cell_scores(work["scores"], work["base"], None, "_base")
+    tags = build_cell_card(work["cell"], work["spec"], summary).data.to_dict()["tags"]
+    assert "gguf" not in tags
+    entry = {
+        "type": "q8_0",
+        "file": "c.q8_0.gguf",
+        "repo": "org/merges",
+        "path_in_repo": "4b-std/eng-nob__ties/c.q8_0.gguf",
+        "bytes": 9,
+        "checked_by": "llama.cpp (llama-cpp-python 0.3.36)",
+        "check": None,
+    }
+    spec = {**work["spec"], "gguf": {"repo": None, "files": [entry]}}
+    tags = build_cell_card(work["cell"], spec, summary).data.to_dict()["tags"]
+    assert tags[-1] == "gguf"
+    spec["gguf"]["files"] = [{"type": "q8_0"}]  # planned, not (yet) published: no tag
+    assert "gguf" not in build_cell_card(work["cell"], spec, summary).data.to_dict()["tags"]

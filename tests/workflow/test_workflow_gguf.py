@@ -102,6 +102,14 @@ def test_gguf_files_are_in_the_receipt_and_the_card(run):
             assert receipt["files"][name] == {"bytes": e["bytes"], "sha256": e["sha256"]}
             assert name in receipt["changed"] and f"{name}.json" in receipt["files"]
             assert f"`{name}`" in card
+        assert "\n- gguf\n" in card.split("---")[1]  # the card's tags
+    # the repo README links every cell's GGUF files and is tagged gguf
+    readme = (run / "results/cards/README.md").read_text()
+    assert "\n- gguf\n" in readme.split("---")[1] and "| GGUF |" in readme
+    for base, cell in CELLS:
+        row = next(ln for ln in readme.splitlines() if ln.startswith(f"| [{base}/{cell}]"))
+        for t in TYPES:
+            assert f"/blob/main/{base}/{cell}/{cell}.{t}.gguf)" in row
 
 
 def test_preflight_asked_llama_cpp_once_per_architecture(run):
