@@ -630,9 +630,8 @@ class _Reader:
     """Reads input tensors with ``os.preadv``: one copy from the page cache, and no mapping
     of the input files, so the process's resident memory holds the tensors in flight only
     (a ``safe_open`` mapping counts every page it touched). Each worker thread reads into
-    byte buffers of its own, reused from tensor to tensor (grown when a tensor needs more):
-    a fresh tensor per input would make the kernel fault in and zero its pages every time
-    (measured here: half of the engine's system time at 4.9 GB)."""
+    byte buffers of its own, reused from tensor to tensor (grown when a tensor needs more),
+    so the kernel does not fault in and zero fresh pages for every input."""
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
@@ -854,12 +853,12 @@ def stream_merge(
             merge_config,
             out_path,
             options,
-            workers,
-            selection,
-            config_source,
-            hash_outputs,
-            scan_values,
-            t0,
+            workers=workers,
+            selection=selection,
+            config_source=config_source,
+            hash_outputs=hash_outputs,
+            scan_values=scan_values,
+            t0=t0,
         )
     finally:
         gc.unfreeze()
@@ -869,6 +868,7 @@ def _stream_merge(
     merge_config: Any,
     out_path: str | os.PathLike,
     options: Any,
+    *,
     workers: int | None,
     selection: str,
     config_source: str | None,
